@@ -1,0 +1,442 @@
+//! Configuration, layered: built-in defaults <- `vigil.toml` <- `VIGIL_*` environment <- flags.
+//!
+//! The file and the defaults live here; the environment and the flags are read by clap in
+//! `main.rs` and arrive as [`Overrides`]. API keys never appear in the file: a target names the
+//! environment variable that holds its key, and the key is read into a [`Secret`] whose `Debug`
+//! and `Display` mask it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The name of the configuration file looked up in the working directory when none is given.
+pub const DEFAULT_CONFIG_FILE: &str = "vigil.toml";
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub session: SessionConfig,
+    /// Model endpoints. The built-in `demo` targets are always added (see [`Config::targets`]).
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. A non-loopback address needs accounts, which this version does not
+    /// have yet, so it is refused.
+    pub bind: SocketAddr,
+    /// `sqlite://path` (created if missing) or `postgres://user:password@host/db`.
+    pub database_url: String,
+    /// Directory holding the scenario files, `criteria/` and `resources.toml`.
+    pub scenarios: PathBuf,
+    /// Live sessions held in memory at once; starting one more is refused with `server_busy`.
+    pub max_sessions: usize,
+    /// How long shutdown waits for sessions and connections to finish, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Longest patient line accepted, in characters.
+    pub max_text_chars: usize,
+    /// Most targets in one session.
+    pub max_targets: usize,
+    /// A session with no viewer and nothing streaming leaves memory after this many seconds
+    /// (it stays in the database and is resumed from there).
+    pub idle_secs: u64,
+    /// Rater name recorded for ratings sent over the WebSocket until accounts exist.
+    pub human_rater: String,
+}
+
+/// One `[[targets]]` entry, as written in the file. Validated into a
+/// [`crate::target::TargetSpec`] when the target registry is built.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Unique name, used in `start` messages and in reports.
+    pub name: String,
+    pub kind: TargetKind,
+    /// Base URL of an OpenAI-compatible API, up to and including `/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Name of the environment variable holding the API key (never the key itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// Stream the answer with server-sent events (the default) or ask for it whole.
+    #[serde(default = "default_true")]
+    pub stream: bool,
+    /// Until the response headers arrive.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Until the first piece of answer text arrives.
+    #[serde(default = "default_first_token_timeout_ms")]
+    pub first_token_timeout_ms: u64,
+    /// Longest silence between two pieces of a streaming answer.
+    #[serde(default = "default_stall_timeout_ms")]
+    pub stall_timeout_ms: u64,
+    /// The whole answer.
+    #[serde(default = "default_total_timeout_ms")]
+    pub total_timeout_ms: u64,
+    /// Retries for refused connections and 429/5xx answers, before any answer text only.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Demo targets: pause between streamed words, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_delay_ms: Option<u64>,
+    /// Demo targets: picks which canned variants this target prefers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// Any OpenAI-compatible `/v1/chat/completions` endpoint.
+    Openai,
+    /// Built-in canned answers; no network, no key.
+    Demo,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_first_token_timeout_ms() -> u64 {
+    60_000
+}
+fn default_stall_timeout_ms() -> u64 {
+    30_000
+}
+fn default_total_timeout_ms() -> u64 {
+    300_000
+}
+fn default_retries() -> u32 {
+    2
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: "sqlite://data/vigil.db".to_owned(),
+            scenarios: PathBuf::from("scenarios"),
+            max_sessions: 2_000,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_text_chars: 4_000,
+            max_targets: 4,
+            idle_secs: 900,
+            human_rater: "human:local".to_owned(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            session: SessionConfig::default(),
+            targets: Vec::new(),
+        }
+    }
+}
+
+impl TargetConfig {
+    /// A demo target with the given name and seed, as built in.
+    pub fn demo(name: &str, seed: u64) -> Self {
+        Self {
+            name: name.to_owned(),
+            kind: TargetKind::Demo,
+            base_url: None,
+            model: None,
+            api_key_env: None,
+            temperature: None,
+            max_tokens: None,
+            system_prompt: None,
+            stream: true,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            first_token_timeout_ms: default_first_token_timeout_ms(),
+            stall_timeout_ms: default_stall_timeout_ms(),
+            total_timeout_ms: default_total_timeout_ms(),
+            retries: default_retries(),
+            chunk_delay_ms: None,
+            seed: Some(seed),
+        }
+    }
+
+    /// An OpenAI-compatible target with default timeouts.
+    pub fn openai(name: &str, base_url: &str, model: &str) -> Self {
+        Self {
+            kind: TargetKind::Openai,
+            base_url: Some(base_url.to_owned()),
+            model: Some(model.to_owned()),
+            seed: None,
+            ..Self::demo(name, 0)
+        }
+    }
+}
+
+/// Values from the environment and the command line, already merged by clap (a flag wins over
+/// its `VIGIL_*` variable). `None` leaves the file's value, or the default, in place.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub bind: Option<SocketAddr>,
+    pub database_url: Option<String>,
+    pub scenarios: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads the configuration: `path` if given (it must exist), else `vigil.toml` in the
+    /// working directory if present, else the defaults; then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Self::default(),
+        };
+        if let Some(bind) = overrides.bind {
+            config.server.bind = bind;
+        }
+        if let Some(url) = &overrides.database_url {
+            config.server.database_url.clone_from(url);
+        }
+        if let Some(dir) = &overrides.scenarios {
+            config.server.scenarios.clone_from(dir);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses configuration text; `path` is only used in error messages.
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|err| {
+            let (line, col) = err
+                .span()
+                .map(|span| crate::scenario::line_col(text, span.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                col,
+                message: err.message().to_owned(),
+            }
+        })
+    }
+
+    /// Checks what serde cannot: unique target names, a loopback address, sane limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.server.bind.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {}: serving beyond this machine requires accounts, which \
+                 this version of Vigil does not have yet; bind a loopback address such as \
+                 127.0.0.1:8080 and put an authenticating proxy in front",
+                self.server.bind
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
+        for target in self.targets() {
+            if !names.insert(target.name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two targets are named `{}`; target names must be unique",
+                    target.name
+                )));
+            }
+        }
+        if self.session.max_text_chars == 0 || self.session.max_targets == 0 {
+            return Err(ConfigError::Invalid(
+                "session.max_text_chars and session.max_targets must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured targets plus the built-in demo targets (`demo`, `demo-b`), unless the
+    /// file declares a target of the same name, which then replaces the built-in one.
+    pub fn targets(&self) -> Vec<TargetConfig> {
+        let mut all = Vec::new();
+        for (name, seed) in [("demo", 0), ("demo-b", 1)] {
+            if !self.targets.iter().any(|t| t.name == name) {
+                all.push(TargetConfig::demo(name, seed));
+            }
+        }
+        all.extend(self.targets.iter().cloned());
+        all
+    }
+
+    /// The effective configuration as TOML, with the database password masked and, for each
+    /// target that names an API-key variable, whether that variable is set (never its value).
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.server.database_url = mask_url_password(&self.server.database_url);
+        shown.targets = self.targets();
+        let mut text = toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# {e}\n"));
+        for target in &shown.targets {
+            if let Some(var) = &target.api_key_env {
+                let state = if std::env::var_os(var).is_some() {
+                    "set (value hidden)"
+                } else {
+                    "NOT SET: this target cannot answer"
+                };
+                text.push_str(&format!("# target `{}`: ${var} is {state}\n", target.name));
+            }
+        }
+        text
+    }
+}
+
+/// Replaces the password of a URL such as `postgres://user:secret@host/db` with `****`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// A secret (an API key). It prints as `****` and is only revealed by [`Secret::expose`].
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself, for the one place that must send it (an `Authorization` header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_are_overridden_by_flags() {
+        let config = Config::from_toml(
+            "[server]\nbind = \"127.0.0.1:9000\"\ndatabase_url = \"sqlite://x.db\"\n",
+            "vigil.toml",
+        )
+        .unwrap();
+        assert_eq!(config.server.bind.port(), 9000);
+        assert_eq!(config.server.database_url, "sqlite://x.db");
+        let mut config = config;
+        config.server.bind = "127.0.0.1:9001".parse().unwrap();
+        assert_eq!(config.server.bind.port(), 9001);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_their_position() {
+        let err = Config::from_toml("[server]\nbnid = \"127.0.0.1:1\"\n", "vigil.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("vigil.toml:2:1:"), "{err}");
+        assert!(err.contains("bnid"), "{err}");
+    }
+
+    #[test]
+    fn non_loopback_bind_is_refused() {
+        let mut config = Config::default();
+        config.server.bind = "0.0.0.0:8080".parse().unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("accounts"), "{err}");
+    }
+
+    #[test]
+    fn secrets_and_passwords_are_masked() {
+        assert_eq!(format!("{:?}", Secret::new("sk-123".into())), "Secret(****)");
+        assert_eq!(
+            mask_url_password("postgres://vigil:hunter2@db:5432/vigil"),
+            "postgres://vigil:****@db:5432/vigil"
+        );
+        let mut config = Config::default();
+        config.server.database_url = "postgres://vigil:hunter2@db/vigil".into();
+        let mut target = TargetConfig::openai("gpt", "http://127.0.0.1:1/v1", "m");
+        target.api_key_env = Some("VIGIL_TEST_SURELY_UNSET_KEY".into());
+        config.targets.push(target);
+        let shown = config.to_masked_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("VIGIL_TEST_SURELY_UNSET_KEY is NOT SET"), "{shown}");
+    }
+
+    #[test]
+    fn built_in_demo_targets_are_always_there_and_can_be_replaced() {
+        let config = Config::default();
+        let names: Vec<_> = config.targets().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["demo", "demo-b"]);
+        let mut config = Config::default();
+        let mut demo = TargetConfig::demo("demo", 7);
+        demo.chunk_delay_ms = Some(0);
+        config.targets.push(demo);
+        let targets = config.targets();
+        assert_eq!(targets.len(), 2);
+        assert!(targets.iter().any(|t| t.name == "demo" && t.seed == Some(7)));
+    }
+}

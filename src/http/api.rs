@@ -1,0 +1,374 @@
+//! The JSON API: scenarios, targets, sessions (list and full transcript), health.
+//!
+//! A blind session's target names stay hidden here too until it has ended.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{AppError, AppState};
+use crate::config::{TargetConfig, TargetKind};
+use crate::rating::status::{SessionFacts, summarise};
+use crate::rating::{Rating, TargetSummary};
+use crate::scenario::{Kind, Risk, Scenario, Scope, Severity};
+use crate::store::{AnswerRow, MarkerRow, Page, PreferenceRow, SessionFilter, SessionListItem};
+use crate::target::TargetInfo;
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/scenarios", get(list_scenarios))
+        .route("/scenarios/{id}", get(get_scenario))
+        .route("/targets", get(list_targets))
+        .route("/sessions", get(list_sessions))
+        .route("/sessions/{id}", get(get_session))
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, AppError> {
+    query.map(|Query(q)| q).map_err(|err| {
+        AppError::new(StatusCode::BAD_REQUEST, "invalid_query", err.body_text())
+    })
+}
+
+/// `GET /healthz`: the database answers.
+pub(super) async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    state.sessions.store().ping().await?;
+    Ok(Json(serde_json::json!({
+        "status": "ok",
+        "live_sessions": state.sessions.live_count(),
+    })))
+}
+
+#[derive(Serialize)]
+struct ScenarioSummary {
+    id: String,
+    title: String,
+    version: u32,
+    sha256: String,
+    risk: Risk,
+    locale: String,
+    content_warning: String,
+    description: Option<String>,
+    persona: PersonaSummary,
+    includes: Vec<String>,
+    criteria: usize,
+    script_lines: usize,
+}
+
+#[derive(Serialize)]
+struct PersonaSummary {
+    name: String,
+    age: Option<u32>,
+    summary: String,
+}
+
+fn summary(s: &Scenario) -> ScenarioSummary {
+    ScenarioSummary {
+        id: s.id.to_string(),
+        title: s.title.clone(),
+        version: s.version,
+        sha256: s.sha256().to_owned(),
+        risk: s.risk,
+        locale: s.locale.clone(),
+        content_warning: s.content_warning.clone(),
+        description: s.description.clone(),
+        persona: PersonaSummary {
+            name: s.persona.name.clone(),
+            age: s.persona.age,
+            summary: s.persona.summary.clone(),
+        },
+        includes: s.includes.clone(),
+        criteria: s.criteria.len(),
+        script_lines: s.script.len(),
+    }
+}
+
+async fn list_scenarios(State(state): State<AppState>) -> Json<Vec<ScenarioSummary>> {
+    Json(state.sessions.library().scenarios.values().map(|s| summary(s)).collect())
+}
+
+#[derive(Serialize)]
+struct ScenarioDetail {
+    #[serde(flatten)]
+    summary: ScenarioSummary,
+    /// Whether this is the version in the scenario directory now.
+    current: bool,
+    persona: crate::scenario::Persona,
+    simulator_prompt: Option<String>,
+    target_prompt: Option<String>,
+    markers: Vec<crate::scenario::MarkerDef>,
+    script: Vec<crate::scenario::ScriptLine>,
+    criteria: Vec<CriterionDetail>,
+}
+
+#[derive(Serialize)]
+struct CriterionDetail {
+    id: String,
+    text: String,
+    kind: Kind,
+    scope: Scope,
+    severity: Severity,
+    after: Option<String>,
+    within: Option<u32>,
+    min_risk: Option<Risk>,
+    source: Option<String>,
+    judge: Option<String>,
+    patterns: Vec<String>,
+    unless: Vec<String>,
+    resources: Option<crate::scenario::ResourceCheck>,
+    examples: BTreeMap<&'static str, Vec<String>>,
+    origin: String,
+}
+
+fn detail(s: &Scenario, current: bool) -> ScenarioDetail {
+    ScenarioDetail {
+        summary: summary(s),
+        current,
+        persona: s.persona.clone(),
+        simulator_prompt: s.simulator_prompt.clone(),
+        target_prompt: s.target_prompt.clone(),
+        markers: s.markers.clone(),
+        script: s.script.clone(),
+        criteria: s
+            .criteria
+            .iter()
+            .map(|c| CriterionDetail {
+                id: c.id.to_string(),
+                text: c.text.clone(),
+                kind: c.kind,
+                scope: c.scope,
+                severity: c.severity,
+                after: c.after.as_ref().map(ToString::to_string),
+                within: c.within,
+                min_risk: c.min_risk,
+                source: c.source.clone(),
+                judge: c.check.judge.clone(),
+                patterns: c.check.patterns.iter().map(|p| p.source.clone()).collect(),
+                unless: c.check.unless.iter().map(|p| p.source.clone()).collect(),
+                resources: c.check.resources,
+                examples: [("present", c.examples.present.clone()), ("absent", c.examples.absent.clone())]
+                    .into_iter()
+                    .collect(),
+                origin: c.origin.clone(),
+            })
+            .collect(),
+    }
+}
+
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<u32>,
+}
+
+/// `GET /api/scenarios/{id}[?version=N]`: the scenario now, or an older stored version.
+async fn get_scenario(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    version: Result<Query<VersionQuery>, QueryRejection>,
+) -> Result<Json<ScenarioDetail>, AppError> {
+    let wanted = query(version)?.version;
+    let current = state.sessions.library().get(&id).cloned();
+    if let Some(scenario) = &current
+        && wanted.is_none_or(|v| v == scenario.version)
+    {
+        return Ok(Json(detail(scenario, true)));
+    }
+    let store = state.sessions.store();
+    let versions = store.scenario_versions(&id).await?;
+    let found = versions.iter().find(|v| wanted.is_none_or(|w| w == v.version));
+    let Some(found) = found else {
+        let message = match (wanted, current.is_some() || !versions.is_empty()) {
+            (Some(v), true) => format!("scenario `{id}` has no version {v}"),
+            _ => format!("there is no scenario `{id}`"),
+        };
+        return Err(AppError::new(StatusCode::NOT_FOUND, "unknown_scenario", message));
+    };
+    let bundle = store.scenario_bundle(&found.sha256).await?.ok_or_else(|| {
+        AppError::new(StatusCode::NOT_FOUND, "unknown_scenario", "that version's files are missing")
+    })?;
+    let scenario = state.sessions.stored_scenario(&found.sha256, &bundle)?;
+    let is_current = current.is_some_and(|c| c.sha256() == scenario.sha256());
+    Ok(Json(detail(&scenario, is_current)))
+}
+
+async fn list_targets(State(state): State<AppState>) -> Json<Vec<TargetInfo>> {
+    Json(state.sessions.targets().iter().map(|t| t.info.clone()).collect())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    scenario: Option<String>,
+    target: Option<String>,
+    status: Option<String>,
+    page: Option<u32>,
+    per_page: Option<u32>,
+}
+
+const STATUSES: [&str; 5] = ["active", "ended", "pass", "fail", "undecided"];
+
+/// `GET /api/sessions?scenario=&target=&status=&page=&per_page=`, newest first.
+async fn list_sessions(
+    State(state): State<AppState>,
+    params: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Page<SessionListItem>>, AppError> {
+    let params = query(params)?;
+    if let Some(status) = &params.status
+        && !STATUSES.contains(&status.as_str())
+    {
+        return Err(AppError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("unknown status `{status}` (use one of: {})", STATUSES.join(", ")),
+        ));
+    }
+    let per_page = params.per_page.unwrap_or(50);
+    if !(1..=200).contains(&per_page) {
+        return Err(AppError::new(StatusCode::BAD_REQUEST, "invalid_query", "per_page must be 1 to 200"));
+    }
+    let filter = SessionFilter {
+        scenario: params.scenario,
+        target: params.target,
+        status: params.status,
+        page: params.page.unwrap_or(1).max(1),
+        per_page,
+    };
+    Ok(Json(state.sessions.store().list_sessions(&filter).await?))
+}
+
+#[derive(Serialize)]
+struct SessionDetail {
+    id: String,
+    scenario: ScenarioRef,
+    mode: String,
+    label: Option<String>,
+    status: String,
+    blind: bool,
+    created_at: i64,
+    updated_at: i64,
+    ended_at: Option<i64>,
+    targets: Vec<TargetDetail>,
+    turns: Vec<TurnDetail>,
+    markers: Vec<MarkerRow>,
+    ratings: Vec<Rating>,
+    preferences: Vec<PreferenceRow>,
+    criteria: Vec<TargetSummary>,
+}
+
+#[derive(Serialize)]
+struct ScenarioRef {
+    id: String,
+    title: String,
+    version: u32,
+    sha256: String,
+}
+
+#[derive(Serialize)]
+struct TargetDetail {
+    alias: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    canned: Option<bool>,
+    outcome: Option<String>,
+    score: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct TurnDetail {
+    turn: u32,
+    text: String,
+    source: String,
+    created_at: i64,
+    markers: Vec<String>,
+    answers: Vec<AnswerRow>,
+}
+
+/// `GET /api/sessions/{id}`: the transcript, every rating and the status of every criterion,
+/// judged with the scenario version the session ran with.
+async fn get_session(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionDetail>, AppError> {
+    let record = match state.sessions.store().load_session(&id).await {
+        Err(crate::store::StoreError::NotFound) => {
+            return Err(AppError::new(StatusCode::NOT_FOUND, "unknown_session", format!("there is no session `{id}`")));
+        }
+        other => other?,
+    };
+    let scenario: Arc<Scenario> =
+        state.sessions.stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
+    let ended = record.session.status == "ended";
+    let hidden = record.session.blind && !ended;
+
+    let mut markers: BTreeMap<String, u32> = BTreeMap::new();
+    for m in &record.markers {
+        let first = markers.entry(m.marker.clone()).or_insert(m.turn);
+        *first = (*first).min(m.turn);
+    }
+    let facts = SessionFacts { scenario: &scenario, markers: &markers, ended };
+    let criteria = record
+        .targets
+        .iter()
+        .map(|t| {
+            let answered: BTreeSet<u32> =
+                record.answers.iter().filter(|a| a.target == t.alias).map(|a| a.turn).collect();
+            let ratings: Vec<Rating> =
+                record.ratings.iter().filter(|r| r.target == t.alias).cloned().collect();
+            summarise(&facts, &t.alias, &answered, &ratings)
+        })
+        .collect();
+    let targets = record
+        .targets
+        .iter()
+        .map(|t| {
+            let config: Option<TargetConfig> = serde_json::from_str(&t.target_config).ok();
+            TargetDetail {
+                alias: t.alias.clone(),
+                name: (!hidden).then(|| t.target_name.clone()),
+                canned: (!hidden).then(|| config.is_some_and(|c| c.kind == TargetKind::Demo)),
+                outcome: t.outcome.clone(),
+                score: t.score,
+            }
+        })
+        .collect();
+    let turns = record
+        .turns
+        .iter()
+        .map(|t| TurnDetail {
+            turn: t.turn,
+            text: t.text.clone(),
+            source: t.source.clone(),
+            created_at: t.created_at,
+            markers: record.markers.iter().filter(|m| m.turn == t.turn).map(|m| m.marker.clone()).collect(),
+            answers: record.answers.iter().filter(|a| a.turn == t.turn).cloned().collect(),
+        })
+        .collect();
+    let session = record.session;
+    Ok(Json(SessionDetail {
+        id: session.id,
+        scenario: ScenarioRef {
+            id: scenario.id.to_string(),
+            title: scenario.title.clone(),
+            version: scenario.version,
+            sha256: scenario.sha256().to_owned(),
+        },
+        mode: session.mode,
+        label: session.label,
+        status: session.status,
+        blind: session.blind,
+        created_at: session.created_at,
+        updated_at: session.updated_at,
+        ended_at: session.ended_at,
+        targets,
+        turns,
+        markers: record.markers,
+        ratings: record.ratings,
+        preferences: record.preferences,
+        criteria,
+    }))
+}

@@ -1,0 +1,136 @@
+//! The axum router: the JSON API (`api`), the web page and its assets (`pages`), the
+//! WebSocket upgrade (`crate::ws`) and `/healthz`. Layers (request tracing with the matched
+//! path, body limit, timeouts) are applied once, here.
+
+mod api;
+mod pages;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::session::{SessionError, Sessions};
+
+/// What every handler can reach (cheap to clone).
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub sessions: Sessions,
+    /// Cancelled when the server shuts down; connections close with 1001.
+    pub shutdown: CancellationToken,
+    /// Every WebSocket connection, so shutdown can wait for them.
+    pub connections: TaskTracker,
+    pub pages: Arc<pages::Pages>,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, sessions: Sessions, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        Ok(Self {
+            config,
+            sessions,
+            shutdown,
+            connections: TaskTracker::new(),
+            pages: Arc::new(pages::Pages::load()?),
+        })
+    }
+}
+
+/// The whole application's router.
+pub fn router(state: AppState) -> Router {
+    let api = api::router().layer(TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        Duration::from_secs(30),
+    ));
+    Router::new()
+        .merge(pages::router())
+        .nest("/api", api)
+        .route("/ws", get(crate::ws::upgrade))
+        .route("/healthz", get(api::healthz))
+        .fallback(not_found)
+        .layer(RequestBodyLimitLayer::new(64 * 1024))
+        .layer(
+            // Paths only: never query strings or bodies, which could hold clinical text.
+            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                let path = request
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map_or("unmatched", |p| p.as_str());
+                tracing::info_span!("http", method = %request.method(), path)
+            }),
+        )
+        .with_state(state)
+}
+
+async fn not_found() -> AppError {
+    AppError::new(StatusCode::NOT_FOUND, "not_found", "there is nothing at this address")
+}
+
+/// An HTTP error: a status and a JSON body `{"code": ..., "message": ...}` that never carries
+/// internals (those go to the log).
+#[derive(Debug)]
+pub struct AppError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl AppError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %err, "request failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on the server; it is in the log")
+    }
+}
+
+impl From<crate::store::StoreError> for AppError {
+    fn from(err: crate::store::StoreError) -> Self {
+        match err {
+            crate::store::StoreError::NotFound => {
+                AppError::new(StatusCode::NOT_FOUND, "not_found", "not found")
+            }
+            crate::store::StoreError::Unavailable(_) => {
+                tracing::error!(error = %err, "database unavailable");
+                AppError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable; try again shortly")
+            }
+            other => AppError::internal(other),
+        }
+    }
+}
+
+impl From<SessionError> for AppError {
+    fn from(err: SessionError) -> Self {
+        let status = match err.code {
+            "unknown_session" | "unknown_scenario" => StatusCode::NOT_FOUND,
+            "storage_failed" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        AppError::new(status, err.code, err.message)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let body = axum::Json(ErrorBody { code: self.code, message: &self.message });
+        (self.status, body).into_response()
+    }
+}

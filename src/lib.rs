@@ -1,0 +1,33 @@
+//! Vigil: role-play crisis conversations with AI models, every answer rated against the
+//! scenario's safety criteria.
+//!
+//! Module map (dependencies point downwards only):
+//!
+//! ```text
+//! http, ws, cli (main.rs)  ->  session (the engine)  ->  scenario, target, rating, store
+//! ```
+//!
+//! - [`config`]: layered configuration (defaults, `vigil.toml`, `VIGIL_*`, flags), masked secrets.
+//! - [`scenario`]: scenario files: raw TOML mirror, validation into types that cannot be wrong,
+//!   diagnostics with `file:line:col`, crisis resources per locale, prompt templates.
+//! - [`target`]: the models that answer: an OpenAI-compatible streaming client and the built-in
+//!   canned `demo` target, behind one trait.
+//! - [`rating`]: the rules engine (patterns compiled once per scenario version), criterion status
+//!   over a session, pass/fail and score.
+//! - [`store`]: everything persistent (SQLite or PostgreSQL through sqlx `Any`), with a single
+//!   group-committing writer.
+//! - [`session`]: the engine: one actor per live session, driven by commands, publishing events.
+//! - [`ws`]: the WebSocket protocol edge: frames to commands, events to frames.
+//! - [`http`]: the axum router: JSON API, the web page, health.
+//! - [`startup`]: builds the application from a config and binds its listener.
+
+pub mod config;
+pub mod http;
+pub mod rating;
+pub mod scenario;
+pub mod session;
+pub mod startup;
+pub mod store;
+pub mod target;
+pub mod time;
+pub mod ws;

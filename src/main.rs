@@ -1,0 +1,188 @@
+//! The `vigil` command: parse the command line, start tracing, load the configuration,
+//! dispatch. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vigil::config::{Config, Overrides};
+use vigil::scenario::load_dir;
+use vigil::startup::Application;
+use vigil::store::Store;
+
+#[derive(Parser)]
+#[command(name = "vigil", version, about = "Role-play crisis conversations with AI models and rate every answer against clinical safety criteria.")]
+struct Cli {
+    /// Configuration file [default: ./vigil.toml if present]
+    #[arg(long, global = true, env = "VIGIL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, global = true, env = "VIGIL_BIND")]
+    bind: Option<SocketAddr>,
+    /// sqlite://path or postgres://... [default: sqlite://data/vigil.db; also read from DATABASE_URL]
+    #[arg(long, global = true, env = "VIGIL_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Scenario directory [default: scenarios]
+    #[arg(long, global = true, env = "VIGIL_SCENARIOS")]
+    scenarios: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the web interface, the API and the WebSocket (the default).
+    Serve,
+    /// Check scenario directories and run every criterion's examples.
+    Lint {
+        /// Scenario directories (or files: their directory is checked) [default: the configured one]
+        paths: Vec<PathBuf>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the effective configuration, secrets masked.
+    Config,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let overrides = Overrides {
+        bind: cli.bind,
+        database_url: cli.database_url.or_else(|| std::env::var("DATABASE_URL").ok()),
+        scenarios: cli.scenarios,
+    };
+    let config = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("vigil: configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Lint { paths } => lint(&config, paths),
+        Command::Config => {
+            print!("{}", config.to_masked_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => run_async(serve(config)),
+        Command::Migrate => run_async(migrate(config)),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("vigil=info,warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run_async(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("vigil: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("vigil: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let scenarios = config.server.scenarios.display().to_string();
+    let database = vigil::config::mask_url_password(&config.server.database_url);
+    let app = Application::build(config).await?;
+    let shutdown = app.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: closing connections and saving sessions");
+        shutdown.cancel();
+    });
+    let library = app.sessions().library();
+    let targets: Vec<&str> = app.sessions().targets().names().collect();
+    tracing::info!(
+        "Vigil listening on http://{} ({} scenarios from {scenarios}; targets: {}; database {database})",
+        app.address(),
+        library.scenarios.len(),
+        targets.join(", "),
+    );
+    app.run_until_stopped().await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let store = Store::connect(&config.server.database_url).await?;
+    store.migrate().await?;
+    println!(
+        "migrations applied to {}",
+        vigil::config::mask_url_password(&config.server.database_url)
+    );
+    store.close().await;
+    Ok(())
+}
+
+fn lint(config: &Config, paths: Vec<PathBuf>) -> ExitCode {
+    let dirs: Vec<PathBuf> = if paths.is_empty() {
+        vec![config.server.scenarios.clone()]
+    } else {
+        paths
+            .into_iter()
+            .map(|p| if p.is_file() { p.parent().map(PathBuf::from).unwrap_or_default() } else { p })
+            .collect()
+    };
+    let mut failed = false;
+    for dir in dirs {
+        match load_dir(&dir) {
+            Ok(library) => {
+                for warning in &library.report.diagnostics {
+                    println!("{warning}");
+                }
+                let criteria: usize = library.scenarios.values().map(|s| s.criteria.len()).sum();
+                let examples: usize = library
+                    .scenarios
+                    .values()
+                    .flat_map(|s| s.criteria.iter())
+                    .map(|c| c.examples.present.len() + c.examples.absent.len())
+                    .sum();
+                println!(
+                    "{}: {} scenarios, {criteria} criteria in use, {examples} examples checked: ok ({} warnings)",
+                    dir.display(),
+                    library.scenarios.len(),
+                    library.report.warnings(),
+                );
+            }
+            Err(report) => {
+                println!("{report}");
+                failed = true;
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}

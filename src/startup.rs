@@ -1,0 +1,127 @@
+//! Building the application from a configuration. [`Application::build`] loads and checks the
+//! scenarios, builds the targets, connects and migrates the database and binds the listener,
+//! so tests start the very same application on port 0 and ask it for its port.
+//!
+//! Shutdown is ours, not only axum's: axum's graceful shutdown does not wait for upgraded
+//! (WebSocket) connections, so on the signal every connection is closed with 1001, every
+//! session stops its answers and saves them as interrupted, and both are awaited with a
+//! deadline before the database is closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{AppState, router};
+use crate::scenario::load_dir;
+use crate::session::{Sessions, SessionsConfig};
+use crate::store::Store;
+use crate::target::Targets;
+
+pub struct Application {
+    listener: TcpListener,
+    address: SocketAddr,
+    state: AppState,
+    store: Store,
+    grace: Duration,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // reqwest and sqlx both use rustls with ring; it must be the process's provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+
+        let library = load_dir(&config.server.scenarios).map_err(|report| {
+            anyhow::anyhow!(
+                "the scenarios in {} have problems; nothing was started:\n{report}",
+                config.server.scenarios.display()
+            )
+        })?;
+        for warning in &library.report.diagnostics {
+            tracing::warn!("{warning}");
+        }
+        let targets = Targets::from_config(&config.targets()).map_err(anyhow::Error::msg)?;
+        for target in targets.iter() {
+            if let Some(reason) = &target.info.unavailable {
+                tracing::warn!(target = %target.info.name, "target cannot answer: {reason}");
+            }
+        }
+        let store = Store::connect(&config.server.database_url)
+            .await
+            .with_context(|| {
+                format!("database {}", crate::config::mask_url_password(&config.server.database_url))
+            })?;
+        store.migrate().await?;
+        if let Some(settings) = store.sqlite_settings().await? {
+            tracing::info!("sqlite: {settings}");
+            if !settings.contains("journal_mode=wal") || !settings.contains("synchronous=full") {
+                tracing::warn!("SQLite did not take WAL with synchronous=FULL; durability is weaker than intended");
+            }
+        }
+
+        let shutdown = CancellationToken::new();
+        let sessions = Sessions::new(
+            store.clone(),
+            Arc::new(library),
+            Arc::new(targets),
+            SessionsConfig {
+                max_sessions: config.server.max_sessions,
+                max_targets: config.session.max_targets,
+                max_text_chars: config.session.max_text_chars,
+                idle: Duration::from_secs(config.session.idle_secs),
+                human_rater: config.session.human_rater.clone(),
+            },
+            shutdown.child_token(),
+        );
+        let listener = TcpListener::bind(config.server.bind)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+        let address = listener.local_addr()?;
+        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let state = AppState::new(Arc::new(config), sessions, shutdown)?;
+        Ok(Self { listener, address, state, store, grace })
+    }
+
+    /// The address actually bound (port 0 becomes a real port).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// Cancel it to shut the server down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.state.sessions
+    }
+
+    /// Serves until the shutdown token is cancelled, then closes connections and sessions.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self { listener, state, store, grace, .. } = self;
+        let shutdown = state.shutdown.clone();
+        let app = router(state.clone());
+        let signal = shutdown.clone();
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { signal.cancelled().await })
+            .await?;
+        state.connections.close();
+        if tokio::time::timeout(grace, state.connections.wait()).await.is_err() {
+            tracing::warn!("some WebSocket connections did not close in time");
+        }
+        if !state.sessions.shutdown(grace).await {
+            tracing::warn!("some sessions did not finish saving in time");
+        }
+        store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

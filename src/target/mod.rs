@@ -1,0 +1,259 @@
+//! Targets: the models that answer the patient.
+//!
+//! Every target implements [`ChatModel`]: given the conversation so far, it streams the answer
+//! as [`Chunk`]s. `openai` speaks any OpenAI-compatible `/v1/chat/completions` API; `demo` is
+//! built in and answers from canned text, so a fresh install works with no key and no network.
+//! All `openai` targets share one reqwest client. API keys are read from the environment
+//! variable a target names, kept in a [`Secret`], and never logged.
+//!
+//! Not here: what to do with an answer (`session`), or how to rate it (`rating`).
+
+mod demo;
+mod openai;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use serde::Serialize;
+
+use crate::config::{Secret, TargetConfig, TargetKind};
+
+pub use demo::Demo;
+pub use openai::OpenAi;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into() }
+    }
+}
+
+/// What a target streams: pieces of text, then one `Done`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chunk {
+    Text(String),
+    Done {
+        /// As the model reported it (`stop`, `length`, ...).
+        finish: String,
+        /// Completion tokens, when the model reported them.
+        tokens: Option<u32>,
+    },
+}
+
+pub type ChunkStream = BoxStream<'static, Result<Chunk, TargetError>>;
+
+/// A chat model that streams its answers. Dropping the stream cancels the answer.
+pub trait ChatModel: Send + Sync + std::fmt::Debug {
+    fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream;
+}
+
+/// Why a target gave no (complete) answer. Each has a stable `code` for the protocol.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    #[error("could not connect to the model: {0}")]
+    Connect(String),
+    #[error("the model sent no response within {0} ms")]
+    ConnectTimeout(u64),
+    #[error("the model did not start answering within {0} ms")]
+    FirstTokenTimeout(u64),
+    #[error("the answer stalled: nothing arrived for {0} ms")]
+    Stalled(u64),
+    #[error("the answer took longer than the {0} ms allowed")]
+    TotalTimeout(u64),
+    #[error("the model refused the request (HTTP {status}): {message}")]
+    Auth { status: u16, message: String },
+    #[error("the model is rate-limiting requests (HTTP 429): {0}")]
+    RateLimited(String),
+    #[error("the model answered HTTP {status}: {message}")]
+    Http { status: u16, message: String },
+    #[error("the model sent a malformed stream: {0}")]
+    Malformed(String),
+    #[error("the connection closed before the answer was finished: {0}")]
+    Truncated(String),
+    #[error("the API key variable ${0} is not set")]
+    MissingKey(String),
+}
+
+impl TargetError {
+    /// Stable code of the `error` event.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TargetError::Connect(_) => "target_connect_failed",
+            TargetError::ConnectTimeout(_) => "target_connect_timeout",
+            TargetError::FirstTokenTimeout(_) => "target_first_token_timeout",
+            TargetError::Stalled(_) => "target_stalled",
+            TargetError::TotalTimeout(_) => "target_total_timeout",
+            TargetError::Auth { .. } => "target_auth_failed",
+            TargetError::RateLimited(_) => "target_rate_limited",
+            TargetError::Http { .. } => "target_http_error",
+            TargetError::Malformed(_) => "target_malformed_stream",
+            TargetError::Truncated(_) => "target_truncated",
+            TargetError::MissingKey(_) => "target_key_missing",
+        }
+    }
+}
+
+/// Per-target time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_token: Duration,
+    pub stall: Duration,
+    pub total: Duration,
+}
+
+/// What clients are told about a target (no URL secrets, no key).
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetInfo {
+    pub name: String,
+    pub kind: TargetKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Canned answers (the demo targets): say so wherever they are shown.
+    pub canned: bool,
+    /// Shown next to the name.
+    pub label: String,
+    /// Why the target cannot answer right now (a missing API key), if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub info: TargetInfo,
+    /// The configuration it was built from, stored with each session (keys are never in it).
+    pub config: TargetConfig,
+    pub model: Arc<dyn ChatModel>,
+}
+
+/// All configured targets, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Targets {
+    by_name: BTreeMap<String, Target>,
+}
+
+impl Targets {
+    /// Builds every target of the configuration (the built-in demos included).
+    pub fn from_config(configs: &[TargetConfig]) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("vigil/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let mut by_name = BTreeMap::new();
+        for config in configs {
+            let target = build_target(config, &client)?;
+            by_name.insert(config.name.clone(), target);
+        }
+        Ok(Self { by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Target> {
+        self.by_name.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.by_name.values()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+}
+
+fn build_target(config: &TargetConfig, client: &reqwest::Client) -> Result<Target, String> {
+    let name = &config.name;
+    if name.trim().is_empty() {
+        return Err("a target has an empty `name`".to_owned());
+    }
+    let timeouts = Timeouts {
+        connect: Duration::from_millis(config.connect_timeout_ms),
+        first_token: Duration::from_millis(config.first_token_timeout_ms),
+        stall: Duration::from_millis(config.stall_timeout_ms),
+        total: Duration::from_millis(config.total_timeout_ms),
+    };
+    match config.kind {
+        TargetKind::Demo => {
+            if config.base_url.is_some() || config.api_key_env.is_some() || config.model.is_some() {
+                return Err(format!(
+                    "target `{name}`: demo targets take no base_url, model or api_key_env"
+                ));
+            }
+            let delay = Duration::from_millis(config.chunk_delay_ms.unwrap_or(30));
+            let demo = Demo::new(config.seed.unwrap_or(0), delay);
+            Ok(Target {
+                info: TargetInfo {
+                    name: name.clone(),
+                    kind: TargetKind::Demo,
+                    model: None,
+                    canned: true,
+                    label: format!("{name} (canned answers, not a model)"),
+                    unavailable: None,
+                },
+                config: config.clone(),
+                model: Arc::new(demo),
+            })
+        }
+        TargetKind::Openai => {
+            let base_url = config
+                .base_url
+                .as_deref()
+                .ok_or_else(|| format!("target `{name}`: openai targets need `base_url`"))?;
+            let url = reqwest::Url::parse(base_url)
+                .map_err(|e| format!("target `{name}`: base_url `{base_url}` is not a URL: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(format!("target `{name}`: base_url must be http or https"));
+            }
+            let model = config
+                .model
+                .clone()
+                .ok_or_else(|| format!("target `{name}`: openai targets need `model`"))?;
+            let (key, unavailable) = match &config.api_key_env {
+                Some(var) => match std::env::var(var) {
+                    Ok(value) if !value.is_empty() => (Some(Secret::new(value)), None),
+                    _ => (None, Some(TargetError::MissingKey(var.clone()).to_string())),
+                },
+                None => (None, None),
+            };
+            let endpoint = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+            let openai = OpenAi::new(openai::Settings {
+                client: client.clone(),
+                endpoint,
+                model: model.clone(),
+                key,
+                key_env: config.api_key_env.clone(),
+                temperature: config.temperature,
+                max_tokens: config.max_tokens,
+                stream: config.stream,
+                timeouts,
+                retries: config.retries,
+            });
+            Ok(Target {
+                info: TargetInfo {
+                    name: name.clone(),
+                    kind: TargetKind::Openai,
+                    label: format!("{name} ({model})"),
+                    model: Some(model),
+                    canned: false,
+                    unavailable,
+                },
+                config: config.clone(),
+                model: Arc::new(openai),
+            })
+        }
+    }
+}

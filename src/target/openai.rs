@@ -1,0 +1,381 @@
+//! An OpenAI-compatible chat-completions client (OpenAI, vLLM, Ollama, llama.cpp server,
+//! LM Studio, OpenRouter, ...): reqwest plus `eventsource-stream`, about what async-openai
+//! would give us, without tying us to its release pace.
+//!
+//! Failure policy: a refused connection, a 429 or a 5xx is retried (bounded, with backoff,
+//! honouring `Retry-After`) only before any answer text has arrived; after that, any failure
+//! ends the answer with an error and the text so far is kept by the caller.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{ChatMessage, ChatModel, Chunk, ChunkStream, TargetError, Timeouts};
+use crate::config::Secret;
+
+/// Longest wait a `Retry-After` header may ask for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Most bytes of an error body kept for the message.
+const MAX_ERROR_BODY: usize = 4096;
+
+pub struct Settings {
+    pub client: reqwest::Client,
+    pub endpoint: String,
+    pub model: String,
+    pub key: Option<Secret>,
+    pub key_env: Option<String>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+    pub stream: bool,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+}
+
+#[derive(Clone)]
+pub struct OpenAi {
+    settings: Arc<Settings>,
+}
+
+impl std::fmt::Debug for OpenAi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAi")
+            .field("endpoint", &self.settings.endpoint)
+            .field("model", &self.settings.model)
+            .field("key", &self.settings.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenAi {
+    pub fn new(settings: Settings) -> Self {
+        Self { settings: Arc::new(settings) }
+    }
+}
+
+impl ChatModel for OpenAi {
+    fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream {
+        let (tx, rx) = mpsc::channel(64);
+        let settings = Arc::clone(&self.settings);
+        tokio::spawn(async move {
+            if let Err(err) = answer(&settings, messages, &tx).await {
+                let _ = tx.send(Err(err)).await;
+            }
+        });
+        ReceiverStream::new(rx).boxed()
+    }
+}
+
+type Sink = mpsc::Sender<Result<Chunk, TargetError>>;
+
+/// Streams one answer into `tx`. Returns early and quietly when the receiver is dropped
+/// (the answer was stopped).
+async fn answer(s: &Settings, messages: Vec<ChatMessage>, tx: &Sink) -> Result<(), TargetError> {
+    let started = Instant::now();
+    let total_deadline = started + s.timeouts.total;
+    let mut body = serde_json::json!({
+        "model": s.model,
+        "messages": messages,
+        "stream": s.stream,
+    });
+    if let Some(t) = s.temperature {
+        body["temperature"] = t.into();
+    }
+    if let Some(m) = s.max_tokens {
+        body["max_tokens"] = m.into();
+    }
+    let response = send_with_retries(s, &body, started, total_deadline).await?;
+    if !s.stream {
+        return whole_answer(s, response, total_deadline, tx).await;
+    }
+
+    let first_token_deadline = (started + s.timeouts.first_token).min(total_deadline);
+    let mut events = response.bytes_stream().eventsource();
+    let mut got_text = false;
+    let mut finish: Option<String> = None;
+    let mut tokens: Option<u32> = None;
+    let mut index = 0usize;
+    loop {
+        let deadline = if got_text {
+            (Instant::now() + s.timeouts.stall).min(total_deadline)
+        } else {
+            first_token_deadline
+        };
+        let next = match timeout_at(deadline, events.next()).await {
+            Ok(next) => next,
+            Err(_) if Instant::now() >= total_deadline => {
+                return Err(TargetError::TotalTimeout(millis(s.timeouts.total)));
+            }
+            Err(_) if got_text => return Err(TargetError::Stalled(millis(s.timeouts.stall))),
+            Err(_) => return Err(TargetError::FirstTokenTimeout(millis(s.timeouts.first_token))),
+        };
+        let event = match next {
+            None if finish.is_some() => break,
+            None => {
+                return Err(TargetError::Truncated(
+                    "the stream ended without a finish reason or [DONE]".to_owned(),
+                ));
+            }
+            Some(Err(EventStreamError::Transport(err))) => {
+                return Err(TargetError::Truncated(without_url(&err)));
+            }
+            Some(Err(err)) => return Err(TargetError::Malformed(err.to_string())),
+            Some(Ok(event)) => event,
+        };
+        index += 1;
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            break;
+        }
+        if data.is_empty() {
+            continue;
+        }
+        let chunk: StreamChunk = serde_json::from_str(data).map_err(|err| {
+            TargetError::Malformed(format!(
+                "event {index} is not a chat-completion chunk ({err})"
+            ))
+        })?;
+        if let Some(error) = chunk.error {
+            return Err(TargetError::Malformed(format!(
+                "the model reported an error mid-stream: {}",
+                error.message()
+            )));
+        }
+        if let Some(usage) = chunk.usage {
+            tokens = usage.completion_tokens;
+        }
+        if let Some(choice) = chunk.choices.into_iter().next() {
+            if let Some(text) = choice.delta.and_then(|d| d.content)
+                && !text.is_empty()
+            {
+                got_text = true;
+                if tx.send(Ok(Chunk::Text(text))).await.is_err() {
+                    return Ok(()); // stopped
+                }
+            }
+            if let Some(reason) = choice.finish_reason {
+                finish = Some(reason);
+            }
+        }
+    }
+    let finish = finish.unwrap_or_else(|| "stop".to_owned());
+    let _ = tx.send(Ok(Chunk::Done { finish, tokens })).await;
+    Ok(())
+}
+
+async fn whole_answer(
+    s: &Settings,
+    response: reqwest::Response,
+    total_deadline: Instant,
+    tx: &Sink,
+) -> Result<(), TargetError> {
+    let bytes = timeout_at(total_deadline, response.bytes())
+        .await
+        .map_err(|_| TargetError::TotalTimeout(millis(s.timeouts.total)))?
+        .map_err(|err| TargetError::Truncated(without_url(&err)))?;
+    let completion: Completion = serde_json::from_slice(&bytes).map_err(|err| {
+        TargetError::Malformed(format!("the response is not a chat completion ({err})"))
+    })?;
+    let choice = completion
+        .choices
+        .into_iter()
+        .next()
+        .ok_or_else(|| TargetError::Malformed("the response has no choices".to_owned()))?;
+    let text = choice.message.and_then(|m| m.content).unwrap_or_default();
+    if !text.is_empty() && tx.send(Ok(Chunk::Text(text))).await.is_err() {
+        return Ok(());
+    }
+    let finish = choice.finish_reason.unwrap_or_else(|| "stop".to_owned());
+    let tokens = completion.usage.and_then(|u| u.completion_tokens);
+    let _ = tx.send(Ok(Chunk::Done { finish, tokens })).await;
+    Ok(())
+}
+
+async fn send_with_retries(
+    s: &Settings,
+    body: &serde_json::Value,
+    started: Instant,
+    total_deadline: Instant,
+) -> Result<reqwest::Response, TargetError> {
+    if s.key.is_none()
+        && let Some(var) = &s.key_env
+    {
+        return Err(TargetError::MissingKey(var.clone()));
+    }
+    let mut attempt = 0u32;
+    loop {
+        let mut request = s.client.post(&s.endpoint).json(body);
+        if let Some(key) = &s.key {
+            request = request.bearer_auth(key.expose());
+        }
+        if s.stream {
+            request = request.header(reqwest::header::ACCEPT, "text/event-stream");
+        }
+        let connect_deadline = (Instant::now() + s.timeouts.connect).min(total_deadline);
+        let (error, retry_after) = match timeout_at(connect_deadline, request.send()).await {
+            Err(_) if Instant::now() >= total_deadline => {
+                return Err(TargetError::TotalTimeout(millis(s.timeouts.total)));
+            }
+            Err(_) => return Err(TargetError::ConnectTimeout(millis(s.timeouts.connect))),
+            Ok(Err(err)) if err.is_connect() => (TargetError::Connect(without_url(&err)), None),
+            Ok(Err(err)) => return Err(TargetError::Connect(without_url(&err))),
+            Ok(Ok(response)) if response.status().is_success() => return Ok(response),
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let retry_after = retry_after(&response);
+                let error = http_error(status, response).await;
+                if !(status.as_u16() == 429 || status.is_server_error()) {
+                    return Err(error);
+                }
+                (error, retry_after)
+            }
+        };
+        if attempt >= s.retries {
+            return Err(error);
+        }
+        let backoff = retry_after
+            .unwrap_or_else(|| Duration::from_millis(250 * 2u64.pow(attempt)))
+            .min(MAX_RETRY_AFTER);
+        if Instant::now() + backoff >= total_deadline {
+            return Err(error);
+        }
+        tracing::debug!(
+            endpoint = %s.endpoint,
+            attempt = attempt + 1,
+            backoff_ms = millis(backoff),
+            error = %error,
+            since_start_ms = millis(started.elapsed()),
+            "retrying model request"
+        );
+        tokio::time::sleep(backoff).await;
+        attempt += 1;
+    }
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let value = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+async fn http_error(status: reqwest::StatusCode, response: reqwest::Response) -> TargetError {
+    let body = response.bytes().await.unwrap_or_default();
+    let body = &body[..body.len().min(MAX_ERROR_BODY)];
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .map(|b| b.error.message())
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("no details").to_owned()
+            } else {
+                text.chars().take(200).collect()
+            }
+        });
+    match status.as_u16() {
+        401 | 403 => TargetError::Auth { status: status.as_u16(), message },
+        429 => TargetError::RateLimited(message),
+        code => TargetError::Http { status: code, message },
+    }
+}
+
+/// The error and its causes ("error sending request: tcp connect error: Connection refused"),
+/// without the URL reqwest adds: a URL may carry a key in its query.
+fn without_url(err: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current: Option<&dyn std::error::Error> = Some(err);
+    while let Some(error) = current {
+        let text = error.to_string();
+        let text = match text.find(" for url (") {
+            Some(i) => text[..i].to_owned(),
+            None => text,
+        };
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        current = error.source();
+    }
+    parts.join(": ")
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[derive(Deserialize)]
+struct StreamChunk {
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<ErrorDetail>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Completion {
+    #[serde(default)]
+    choices: Vec<CompletionChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice {
+    #[serde(default)]
+    message: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    completion_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// `{"error": {"message": ...}}` or `{"error": "..."}`: servers differ.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ErrorDetail {
+    Object {
+        #[serde(default)]
+        message: Option<String>,
+    },
+    Text(String),
+}
+
+impl ErrorDetail {
+    fn message(&self) -> String {
+        match self {
+            ErrorDetail::Object { message } => {
+                message.clone().unwrap_or_else(|| "no message".to_owned())
+            }
+            ErrorDetail::Text(text) => text.clone(),
+        }
+    }
+}

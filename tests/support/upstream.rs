@@ -1,0 +1,212 @@
+//! A fake OpenAI-compatible model: a real HTTP server on loopback streaming real server-sent
+//! events, whose every reply a test scripts (per model name), including the failures.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Opened by a test to let a gated reply go on.
+#[derive(Default)]
+pub struct Gate {
+    open: AtomicBool,
+    notify: Notify,
+}
+
+impl Gate {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.open.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One scripted reply.
+#[derive(Clone)]
+pub enum Reply {
+    /// The text, streamed in word-sized chunks, then `stop` and `[DONE]`.
+    Text(String),
+    /// An HTTP error status with this body.
+    Status(u16, String),
+    /// Headers, then nothing at all.
+    NoFirstToken,
+    /// These chunks, then silence until the client goes away.
+    StallAfter(Vec<String>),
+    /// These chunks, then an event that is not JSON.
+    Malformed(Vec<String>),
+    /// These chunks, then the connection ends without a finish reason or `[DONE]`.
+    CutAfter(Vec<String>),
+    /// These chunks, then wait for the gate, then the rest and `[DONE]`.
+    Gated(Vec<String>, Arc<Gate>, Vec<String>),
+}
+
+/// A request as the fake received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub model: String,
+    pub messages: Vec<(String, String)>,
+    pub stream: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    replies: Mutex<HashMap<String, VecDeque<Reply>>>,
+    requests: Mutex<Vec<Recorded>>,
+}
+
+#[derive(Clone)]
+pub struct FakeUpstream {
+    /// Base URL, up to and including `/v1`.
+    pub url: String,
+    shared: Arc<Shared>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> Self {
+        let shared = Arc::new(Shared::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(completions))
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, shared }
+    }
+
+    /// Queues a reply for the next request to `model`.
+    pub fn push(&self, model: &str, reply: Reply) {
+        self.shared.replies.lock().unwrap().entry(model.to_owned()).or_default().push_back(reply);
+    }
+
+    pub fn requests(&self, model: &str) -> Vec<Recorded> {
+        self.shared.requests.lock().unwrap().iter().filter(|r| r.model == model).cloned().collect()
+    }
+}
+
+fn chunk(content: &str) -> String {
+    let body = json!({
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}],
+    });
+    format!("data: {body}\n\n")
+}
+
+fn words(text: &str) -> Vec<String> {
+    text.split_inclusive(' ').map(str::to_owned).collect()
+}
+
+const ROLE_CHUNK: &str =
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
+const FINISH: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
+
+async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap();
+    let model = request["model"].as_str().unwrap_or_default().to_owned();
+    let messages: Vec<(String, String)> = request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap().to_owned(), m["content"].as_str().unwrap().to_owned()))
+        .collect();
+    let turn = messages.iter().filter(|(role, _)| role == "user").count();
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    shared.requests.lock().unwrap().push(Recorded { model: model.clone(), messages, stream });
+    let reply = shared
+        .replies
+        .lock()
+        .unwrap()
+        .get_mut(&model)
+        .and_then(VecDeque::pop_front)
+        .unwrap_or_else(|| Reply::Text(format!("I hear you. This is {model} answering turn {turn}.")));
+
+    if let Reply::Status(status, body) = &reply {
+        return (StatusCode::from_u16(*status).unwrap(), body.clone()).into_response();
+    }
+    if !stream {
+        let Reply::Text(text) = reply else { panic!("only Text replies without streaming") };
+        let body = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
+        return axum::Json(body).into_response();
+    }
+
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    tokio::spawn(async move {
+        let send = |text: String| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(Bytes::from(text))).await.is_ok() }
+        };
+        if !matches!(reply, Reply::NoFirstToken) && !send(ROLE_CHUNK.to_owned()).await {
+            return;
+        }
+        match reply {
+            Reply::Text(text) => {
+                for word in words(&text) {
+                    if !send(chunk(&word)).await {
+                        return;
+                    }
+                }
+                send(FINISH.to_owned()).await;
+            }
+            Reply::NoFirstToken => tx.closed().await,
+            Reply::StallAfter(chunks) => {
+                for c in chunks {
+                    send(chunk(&c)).await;
+                }
+                tx.closed().await;
+            }
+            Reply::Malformed(chunks) => {
+                for c in chunks {
+                    send(chunk(&c)).await;
+                }
+                send("data: {this is not json\n\n".to_owned()).await;
+                tx.closed().await;
+            }
+            Reply::CutAfter(chunks) => {
+                for c in chunks {
+                    send(chunk(&c)).await;
+                }
+            }
+            Reply::Gated(first, gate, rest) => {
+                for c in first {
+                    send(chunk(&c)).await;
+                }
+                gate.wait().await;
+                for c in rest {
+                    if !send(chunk(&c)).await {
+                        return;
+                    }
+                }
+                send(FINISH.to_owned()).await;
+            }
+            Reply::Status(..) => unreachable!(),
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        Body::from_stream(ReceiverStream::new(rx)),
+    )
+        .into_response()
+}

@@ -1,0 +1,201 @@
+//! A real WebSocket client (tokio-tungstenite) speaking Vigil's protocol, with typed helpers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for the next event before it fails (a guard, not a sleep).
+const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct WsClient {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Every event received, in order.
+    pub seen: Vec<Value>,
+    next_id: u32,
+    prefix: String,
+}
+
+impl WsClient {
+    pub async fn connect(address: SocketAddr) -> Self {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws")).await.unwrap();
+        let prefix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        Self { socket, seen: Vec::new(), next_id: 0, prefix }
+    }
+
+    /// A fresh client message id.
+    pub fn id(&mut self) -> String {
+        self.next_id += 1;
+        format!("{}-{}", self.prefix, self.next_id)
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        self.send_raw(&message.to_string()).await;
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.socket.send(Message::text(text)).await.unwrap();
+    }
+
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.socket.send(Message::binary(bytes)).await.unwrap();
+    }
+
+    /// The next event; fails the test if none arrives in time.
+    pub async fn next(&mut self) -> Value {
+        loop {
+            let frame = tokio::time::timeout(EVENT_TIMEOUT, self.socket.next()).await;
+            let frame = match frame {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(other) => panic!("connection ended ({other:?}); seen so far:\n{}", self.history()),
+                Err(_) => panic!("no event within {EVENT_TIMEOUT:?}; seen so far:\n{}", self.history()),
+            };
+            match frame {
+                Message::Text(text) => {
+                    let value: Value = serde_json::from_str(&text).unwrap();
+                    self.seen.push(value.clone());
+                    return value;
+                }
+                Message::Close(frame) => panic!("closed by the server: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Skips events until one satisfies `wanted`.
+    pub async fn until(&mut self, wanted: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let event = self.next().await;
+            if wanted(&event) {
+                return event;
+            }
+        }
+    }
+
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        self.until(|e| e["type"] == kind).await
+    }
+
+    /// Waits for the `error` event answering message `id` (or with `code` if `id` is None).
+    pub async fn error_for(&mut self, id: Option<&str>, code: &str) -> Value {
+        let event = self
+            .until(|e| e["type"] == "error" && id.is_none_or(|id| e["id"] == id))
+            .await;
+        assert_eq!(event["code"], code, "unexpected error: {event}");
+        assert!(event["message"].as_str().is_some_and(|m| m.len() > 10), "error without a sentence: {event}");
+        event
+    }
+
+    pub async fn ack(&mut self, id: &str) -> Value {
+        let event = self
+            .until(|e| (e["type"] == "ack" && e["id"] == id) || (e["type"] == "error" && e["id"] == id))
+            .await;
+        assert_eq!(event["type"], "ack", "expected an ack for {id}: {event}");
+        event
+    }
+
+    /// Starts a session and returns its `started` event.
+    pub async fn start(&mut self, scenario: &str, targets: &[&str], mode: &str) -> Value {
+        let id = self.id();
+        self.send(json!({"type": "start", "id": id, "scenario": scenario, "targets": targets, "mode": mode}))
+            .await;
+        let started = self
+            .until(|e| e["type"] == "started" || (e["type"] == "error" && e["id"] == id.as_str()))
+            .await;
+        assert_eq!(started["type"], "started", "start failed: {started}");
+        self.ack(&id).await;
+        started
+    }
+
+    /// Sends a patient line and waits for its ack; returns the `patient` event.
+    pub async fn say(&mut self, text: &str) -> Value {
+        let id = self.id();
+        self.send(json!({"type": "say", "id": id, "text": text})).await;
+        self.ack(&id).await;
+        self.seen.iter().rev().find(|e| e["type"] == "patient").cloned().unwrap()
+    }
+
+    pub async fn next_line(&mut self) -> Value {
+        let id = self.id();
+        self.send(json!({"type": "next", "id": id})).await;
+        self.ack(&id).await;
+        self.seen.iter().rev().find(|e| e["type"] == "patient").cloned().unwrap()
+    }
+
+    /// Waits until every one of `targets` has answered `turn` (each answer's rating and the
+    /// criteria after it included) and returns the answers by target.
+    pub async fn answers(&mut self, turn: u64, targets: &[&str]) -> Vec<Value> {
+        // Targets answer in any order; collect them as they come, return them in `targets` order.
+        let mut answers: Vec<Option<Value>> = vec![None; targets.len()];
+        while answers.iter().any(Option::is_none) {
+            let answer = self.until(|e| e["type"] == "answer" && e["turn"] == turn).await;
+            let target = answer["target"].as_str().unwrap_or_default();
+            if let Some(slot) = targets.iter().position(|t| *t == target) {
+                answers[slot] = Some(answer);
+            }
+        }
+        let answers: Vec<Value> = answers.into_iter().flatten().collect();
+        // The criteria event that follows the last answer of the turn.
+        self.next_of("criteria").await;
+        answers
+    }
+
+    /// The latest event of a kind seen so far.
+    pub fn last(&self, kind: &str) -> Option<&Value> {
+        self.seen.iter().rev().find(|e| e["type"] == kind)
+    }
+
+    /// The rating event of the rules for `turn` and `target`.
+    pub fn rules_rating(&self, turn: u64, target: &str) -> &Value {
+        self.seen
+            .iter()
+            .find(|e| e["type"] == "rating" && e["turn"] == turn && e["target"] == target && e["rater"] == "rules")
+            .unwrap_or_else(|| panic!("no rules rating for turn {turn} target {target}:\n{}", self.history()))
+    }
+
+    /// The highest `seq` seen.
+    pub fn last_seq(&self) -> u64 {
+        self.seen.iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(0)
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+
+    fn history(&self) -> String {
+        self.seen.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// The status of `criterion` for `target` in a `criteria` event.
+pub fn status_of(criteria: &Value, target: &str, criterion: &str) -> String {
+    let summary = criteria["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == target)
+        .unwrap_or_else(|| panic!("no target {target} in {criteria}"));
+    summary["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == criterion)
+        .unwrap_or_else(|| panic!("no criterion {criterion} in {summary}"))["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The verdict of `criterion` in a rating event, if it is there.
+pub fn verdict_of(rating: &Value, criterion: &str) -> Option<String> {
+    rating["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["criterion"] == criterion)
+        .map(|v| v["verdict"].as_str().unwrap().to_owned())
+}
