@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// The name of the configuration file looked up in the working directory when none is given.
 pub const DEFAULT_CONFIG_FILE: &str = "vigil.toml";
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -148,16 +148,6 @@ impl Default for SessionConfig {
             max_targets: 4,
             idle_secs: 900,
             human_rater: "human:local".to_owned(),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            session: SessionConfig::default(),
-            targets: Vec::new(),
         }
     }
 }
@@ -411,7 +401,10 @@ mod tests {
 
     #[test]
     fn secrets_and_passwords_are_masked() {
-        assert_eq!(format!("{:?}", Secret::new("sk-123".into())), "Secret(****)");
+        assert_eq!(
+            format!("{:?}", Secret::new("sk-123".into())),
+            "Secret(****)"
+        );
         assert_eq!(
             mask_url_password("postgres://vigil:hunter2@db:5432/vigil"),
             "postgres://vigil:****@db:5432/vigil"
@@ -423,7 +416,10 @@ mod tests {
         config.targets.push(target);
         let shown = config.to_masked_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("VIGIL_TEST_SURELY_UNSET_KEY is NOT SET"), "{shown}");
+        assert!(
+            shown.contains("VIGIL_TEST_SURELY_UNSET_KEY is NOT SET"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -437,6 +433,10 @@ mod tests {
         config.targets.push(demo);
         let targets = config.targets();
         assert_eq!(targets.len(), 2);
-        assert!(targets.iter().any(|t| t.name == "demo" && t.seed == Some(7)));
+        assert!(
+            targets
+                .iter()
+                .any(|t| t.name == "demo" && t.seed == Some(7))
+        );
     }
 }

@@ -12,7 +12,11 @@ use vigil::startup::Application;
 use vigil::store::Store;
 
 #[derive(Parser)]
-#[command(name = "vigil", version, about = "Role-play crisis conversations with AI models and rate every answer against clinical safety criteria.")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Role-play crisis conversations with AI models and rate every answer against clinical safety criteria."
+)]
 struct Cli {
     /// Configuration file [default: ./vigil.toml if present]
     #[arg(long, global = true, env = "VIGIL_CONFIG")]
@@ -50,7 +54,9 @@ fn main() -> ExitCode {
     init_tracing();
     let overrides = Overrides {
         bind: cli.bind,
-        database_url: cli.database_url.or_else(|| std::env::var("DATABASE_URL").ok()),
+        database_url: cli
+            .database_url
+            .or_else(|| std::env::var("DATABASE_URL").ok()),
         scenarios: cli.scenarios,
     };
     let config = match Config::load(cli.config.as_deref(), &overrides) {
@@ -75,7 +81,12 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("vigil=info,warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn run_async(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
@@ -120,13 +131,14 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -154,7 +166,13 @@ fn lint(config: &Config, paths: Vec<PathBuf>) -> ExitCode {
     } else {
         paths
             .into_iter()
-            .map(|p| if p.is_file() { p.parent().map(PathBuf::from).unwrap_or_default() } else { p })
+            .map(|p| {
+                if p.is_file() {
+                    p.parent().map(PathBuf::from).unwrap_or_default()
+                } else {
+                    p
+                }
+            })
             .collect()
     };
     let mut failed = false;
@@ -184,5 +202,9 @@ fn lint(config: &Config, paths: Vec<PathBuf>) -> ExitCode {
             }
         }
     }
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -53,13 +54,18 @@ impl Application {
         let store = Store::connect(&config.server.database_url)
             .await
             .with_context(|| {
-                format!("database {}", crate::config::mask_url_password(&config.server.database_url))
+                format!(
+                    "database {}",
+                    crate::config::mask_url_password(&config.server.database_url)
+                )
             })?;
         store.migrate().await?;
         if let Some(settings) = store.sqlite_settings().await? {
             tracing::info!("sqlite: {settings}");
             if !settings.contains("journal_mode=wal") || !settings.contains("synchronous=full") {
-                tracing::warn!("SQLite did not take WAL with synchronous=FULL; durability is weaker than intended");
+                tracing::warn!(
+                    "SQLite did not take WAL with synchronous=FULL; durability is weaker than intended"
+                );
             }
         }
 
@@ -83,7 +89,13 @@ impl Application {
         let address = listener.local_addr()?;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let state = AppState::new(Arc::new(config), sessions, shutdown)?;
-        Ok(Self { listener, address, state, store, grace })
+        Ok(Self {
+            listener,
+            address,
+            state,
+            store,
+            grace,
+        })
     }
 
     /// The address actually bound (port 0 becomes a real port).
@@ -106,15 +118,34 @@ impl Application {
 
     /// Serves until the shutdown token is cancelled, then closes connections and sessions.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { listener, state, store, grace, .. } = self;
+        let Self {
+            listener,
+            state,
+            store,
+            grace,
+            ..
+        } = self;
         let shutdown = state.shutdown.clone();
         let app = router(state.clone());
         let signal = shutdown.clone();
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { signal.cancelled().await })
-            .await?;
+        // Streaming sends many small frames: Nagle's algorithm would hold each one back for
+        // the previous one's acknowledgement.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "could not set TCP_NODELAY");
+            }
+        });
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { signal.cancelled().await })
+        .await?;
         state.connections.close();
-        if tokio::time::timeout(grace, state.connections.wait()).await.is_err() {
+        if tokio::time::timeout(grace, state.connections.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some WebSocket connections did not close in time");
         }
         if !state.sessions.shutdown(grace).await {

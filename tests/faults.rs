@@ -20,38 +20,58 @@ async fn every_kind_of_bad_input_gets_its_error_and_the_connection_stays_usable(
     assert!(err["message"].as_str().unwrap().contains("shout"));
     ws.send(json!({"type": "say", "id": "m2"})).await;
     let err = ws.error_for(Some("m2"), "invalid_message").await;
-    assert!(err["message"].as_str().unwrap().contains("missing field `text`"), "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `text`"),
+        "{err}"
+    );
     ws.send_binary(vec![1, 2, 3]).await;
     ws.error_for(None, "invalid_message").await;
-    ws.send(json!({"type": "say", "id": "m3", "text": "hello"})).await;
+    ws.send(json!({"type": "say", "id": "m3", "text": "hello"}))
+        .await;
     ws.error_for(Some("m3"), "no_session").await;
-    ws.send(json!({"type": "start", "id": "m4", "scenario": "nope", "targets": ["demo"]})).await;
+    ws.send(json!({"type": "start", "id": "m4", "scenario": "nope", "targets": ["demo"]}))
+        .await;
     let err = ws.error_for(Some("m4"), "unknown_scenario").await;
-    assert!(err["message"].as_str().unwrap().contains("scripted"), "lists what exists: {err}");
-    ws.send(json!({"type": "start", "id": "m5", "scenario": "scripted", "targets": ["gpt-99"]})).await;
+    assert!(
+        err["message"].as_str().unwrap().contains("scripted"),
+        "lists what exists: {err}"
+    );
+    ws.send(json!({"type": "start", "id": "m5", "scenario": "scripted", "targets": ["gpt-99"]}))
+        .await;
     ws.error_for(Some("m5"), "unknown_target").await;
     ws.send(json!({"type": "start", "id": "m6", "scenario": "scripted", "targets": ["demo"], "mode": "telepathic"})).await;
     ws.error_for(Some("m6"), "invalid_message").await;
-    ws.send(json!({"type": "start", "id": "m7", "scenario": "scripted", "targets": []})).await;
+    ws.send(json!({"type": "start", "id": "m7", "scenario": "scripted", "targets": []}))
+        .await;
     ws.error_for(Some("m7"), "no_targets").await;
 
     ws.start("scripted", &["fake"], "free").await;
-    ws.send(json!({"type": "say", "id": "m8", "text": "x".repeat(4_001)})).await;
+    ws.send(json!({"type": "say", "id": "m8", "text": "x".repeat(4_001)}))
+        .await;
     let err = ws.error_for(Some("m8"), "text_too_long").await;
     assert!(err["message"].as_str().unwrap().contains("4001"), "{err}");
     // A large frame (within the WebSocket limit) is answered the same way.
-    ws.send(json!({"type": "say", "id": "m9", "text": "y".repeat(100_000)})).await;
+    ws.send(json!({"type": "say", "id": "m9", "text": "y".repeat(100_000)}))
+        .await;
     ws.error_for(Some("m9"), "text_too_long").await;
-    ws.send(json!({"type": "say", "id": "m10", "text": "   "})).await;
+    ws.send(json!({"type": "say", "id": "m10", "text": "   "}))
+        .await;
     ws.error_for(Some("m10"), "text_empty").await;
     ws.send(json!({"type": "next", "id": "m11"})).await;
     ws.error_for(Some("m11"), "not_scripted").await;
 
     let gate = Gate::new();
-    app.upstream.push("fake", Reply::Gated(vec!["One ".into()], gate.clone(), vec!["moment.".into()]));
+    app.upstream.push(
+        "fake",
+        Reply::Gated(vec!["One ".into()], gate.clone(), vec!["moment.".into()]),
+    );
     ws.say("first").await;
     ws.next_of("delta").await;
-    ws.send(json!({"type": "say", "id": "m12", "text": "second"})).await;
+    ws.send(json!({"type": "say", "id": "m12", "text": "second"}))
+        .await;
     ws.error_for(Some("m12"), "answers_streaming").await;
     gate.open();
     ws.answers(1, &["A"]).await;
@@ -74,7 +94,12 @@ async fn start_pair(ws: &mut crate::support::WsClient, failing: &str) -> String 
 }
 
 /// Checks the answer of `A` failed with `code` keeping `partial`, and `B` was unaffected.
-async fn expect_failure(ws: &mut crate::support::WsClient, turn: u64, code: &str, partial: &str) -> Value {
+async fn expect_failure(
+    ws: &mut crate::support::WsClient,
+    turn: u64,
+    code: &str,
+    partial: &str,
+) -> Value {
     let answers = ws.answers(turn, &["A", "B"]).await;
     let failed = &answers[0];
     assert_eq!(failed["finish"], "error", "{failed}");
@@ -87,9 +112,16 @@ async fn expect_failure(ws: &mut crate::support::WsClient, turn: u64, code: &str
         .unwrap_or_else(|| panic!("no error event for turn {turn}"))
         .clone();
     assert_eq!(error["code"], code);
-    assert!(error["seq"].as_u64().is_some(), "target errors are part of the record: {error}");
+    assert!(
+        error["seq"].as_u64().is_some(),
+        "target errors are part of the record: {error}"
+    );
     assert!(error["message"].as_str().unwrap().len() > 15, "{error}");
-    assert_eq!(answers[1]["finish"], "stop", "the other target is unaffected: {}", answers[1]);
+    assert_eq!(
+        answers[1]["finish"], "stop",
+        "the other target is unaffected: {}",
+        answers[1]
+    );
     error
 }
 
@@ -101,27 +133,68 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
 
     let cases: Vec<(Reply, &str, &str)> = vec![
         (Reply::NoFirstToken, "target_first_token_timeout", ""),
-        (Reply::StallAfter(vec!["I am ".into(), "here ".into()]), "target_stalled", "I am here "),
-        (Reply::Status(401, r#"{"error":{"message":"Incorrect API key provided"}}"#.into()), "target_auth_failed", ""),
-        (Reply::Status(429, r#"{"error":{"message":"Rate limit reached"}}"#.into()), "target_rate_limited", ""),
-        (Reply::Status(500, "upstream exploded".into()), "target_http_error", ""),
-        (Reply::Malformed(vec!["Hello ".into()]), "target_malformed_stream", "Hello "),
-        (Reply::CutAfter(vec!["Hel".into()]), "target_truncated", "Hel"),
+        (
+            Reply::StallAfter(vec!["I am ".into(), "here ".into()]),
+            "target_stalled",
+            "I am here ",
+        ),
+        (
+            Reply::Status(
+                401,
+                r#"{"error":{"message":"Incorrect API key provided"}}"#.into(),
+            ),
+            "target_auth_failed",
+            "",
+        ),
+        (
+            Reply::Status(429, r#"{"error":{"message":"Rate limit reached"}}"#.into()),
+            "target_rate_limited",
+            "",
+        ),
+        (
+            Reply::Status(500, "upstream exploded".into()),
+            "target_http_error",
+            "",
+        ),
+        (
+            Reply::Malformed(vec!["Hello ".into()]),
+            "target_malformed_stream",
+            "Hello ",
+        ),
+        (
+            Reply::CutAfter(vec!["Hel".into()]),
+            "target_truncated",
+            "Hel",
+        ),
     ];
     for (turn, (reply, code, partial)) in (1u64..).zip(cases) {
         app.upstream.push("fake", reply);
         ws.say(&format!("line {turn}")).await;
         let error = expect_failure(&mut ws, turn, code, partial).await;
         if code == "target_auth_failed" {
-            assert!(error["message"].as_str().unwrap().contains("Incorrect API key provided"), "{error}");
+            assert!(
+                error["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Incorrect API key provided"),
+                "{error}"
+            );
         }
     }
     // The partial text of a failed answer is rated like any text.
     let (_, stored) = app.get(&format!("/api/sessions/{session}")).await;
     let turns = stored["turns"].as_array().unwrap();
     assert_eq!(turns.len(), 7);
-    let stalled = turns[1]["answers"].as_array().unwrap().iter().find(|a| a["target"] == "A").unwrap();
-    assert_eq!((stalled["text"].as_str(), stalled["finish"].as_str()), (Some("I am here "), Some("error")));
+    let stalled = turns[1]["answers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["target"] == "A")
+        .unwrap();
+    assert_eq!(
+        (stalled["text"].as_str(), stalled["finish"].as_str()),
+        (Some("I am here "), Some("error"))
+    );
     assert_eq!(stalled["error_code"], "target_stalled");
 
     // And after all that, the target answers again.
@@ -149,9 +222,20 @@ async fn a_refused_connection_is_an_error_and_a_missing_key_makes_a_target_unava
     expect_failure(&mut ws, 1, "target_connect_failed", "").await;
 
     let (_, targets) = app.get("/api/targets").await;
-    let keyless = targets.as_array().unwrap().iter().find(|t| t["name"] == "keyless").unwrap();
-    assert!(keyless["unavailable"].as_str().unwrap().contains("VIGIL_TEST_KEY_THAT_IS_NOT_SET"));
-    ws.send(json!({"type": "start", "id": "k", "scenario": "scripted", "targets": ["keyless"]})).await;
+    let keyless = targets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "keyless")
+        .unwrap();
+    assert!(
+        keyless["unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("VIGIL_TEST_KEY_THAT_IS_NOT_SET")
+    );
+    ws.send(json!({"type": "start", "id": "k", "scenario": "scripted", "targets": ["keyless"]}))
+        .await;
     ws.error_for(Some("k"), "target_unavailable").await;
     app.stop().await;
 }
@@ -164,14 +248,20 @@ async fn a_rate_limit_before_the_first_byte_is_retried() {
         }
     })
     .await;
-    app.upstream.push("fake", Reply::Status(429, "slow down".into()));
-    app.upstream.push("fake", Reply::Status(503, "warming up".into()));
-    app.upstream.push("fake", Reply::Text("Third time lucky.".into()));
+    app.upstream
+        .push("fake", Reply::Status(429, "slow down".into()));
+    app.upstream
+        .push("fake", Reply::Status(503, "warming up".into()));
+    app.upstream
+        .push("fake", Reply::Text("Third time lucky.".into()));
     let mut ws = app.ws().await;
     ws.start("scripted", &["fake"], "free").await;
     ws.say("hello").await;
     let answers = ws.answers(1, &["A"]).await;
-    assert_eq!((answers[0]["finish"].as_str(), answers[0]["text"].as_str()), (Some("stop"), Some("Third time lucky.")));
+    assert_eq!(
+        (answers[0]["finish"].as_str(), answers[0]["text"].as_str()),
+        (Some("stop"), Some("Third time lucky."))
+    );
     assert_eq!(app.upstream.requests("fake").len(), 3);
     app.stop().await;
 }

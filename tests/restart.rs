@@ -60,7 +60,10 @@ async fn after_sigkill_mid_answer_the_transcript_is_intact_and_the_session_resum
     ws.say("first line").await;
     ws.answers(1, &["A"]).await;
     let gate = Gate::new();
-    upstream.push("fake", Reply::Gated(vec!["Half an ".into()], gate.clone(), vec!["answer".into()]));
+    upstream.push(
+        "fake",
+        Reply::Gated(vec!["Half an ".into()], gate.clone(), vec!["answer".into()]),
+    );
     ws.say("second line").await;
     ws.next_of("delta").await;
     let last_seq = ws.last_seq();
@@ -69,16 +72,26 @@ async fn after_sigkill_mid_answer_the_transcript_is_intact_and_the_session_resum
     drop(ws);
 
     let (mut child, address) = start_binary(&config).await;
-    let response = reqwest::get(format!("http://{address}/api/sessions/{session}")).await.unwrap();
+    let response = reqwest::get(format!("http://{address}/api/sessions/{session}"))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let stored: serde_json::Value = response.json().await.unwrap();
     let turns = stored["turns"].as_array().unwrap();
-    assert_eq!(turns.len(), 2, "both patient lines were saved before the kill: {stored}");
-    assert_eq!(turns[0]["answers"][0]["text"], "I hear you. This is fake answering turn 1.");
+    assert_eq!(
+        turns.len(),
+        2,
+        "both patient lines were saved before the kill: {stored}"
+    );
+    assert_eq!(
+        turns[0]["answers"][0]["text"],
+        "I hear you. This is fake answering turn 1."
+    );
     assert_eq!(turns[1]["text"], "second line");
 
     let mut ws = WsClient::connect(address).await;
-    ws.send(json!({"type": "resume", "session": session, "after_seq": last_seq})).await;
+    ws.send(json!({"type": "resume", "session": session, "after_seq": last_seq}))
+        .await;
     let interrupted = ws.until(|e| e["type"] == "answer" && e["turn"] == 2).await;
     assert_eq!(interrupted["finish"], "interrupted");
     let error = ws.next_of("error").await;
@@ -88,9 +101,17 @@ async fn after_sigkill_mid_answer_the_transcript_is_intact_and_the_session_resum
     // The session goes on where it was, and can be ended.
     ws.say("third line").await;
     let answers = ws.answers(3, &["A"]).await;
-    assert_eq!(answers[0]["text"], "I hear you. This is fake answering turn 3.");
+    assert_eq!(
+        answers[0]["text"],
+        "I hear you. This is fake answering turn 3."
+    );
     let request = upstream.requests("fake").pop().unwrap();
-    let users: Vec<&str> = request.messages.iter().filter(|(r, _)| r == "user").map(|(_, c)| c.as_str()).collect();
+    let users: Vec<&str> = request
+        .messages
+        .iter()
+        .filter(|(r, _)| r == "user")
+        .map(|(_, c)| c.as_str())
+        .collect();
     assert_eq!(users, ["first line", "second line", "third line"]);
     let id = ws.id();
     ws.send(json!({"type": "end", "id": id})).await;

@@ -10,20 +10,36 @@ use vigil::scenario::load_dir;
 fn every_bundled_scenario_lints_clean_and_its_examples_behave() {
     let library = load_dir(&bundled_scenarios()).unwrap_or_else(|report| panic!("{report}"));
     assert!(!library.report.has_errors());
-    for id in ["passive-ideation-student", "imminent-pills-at-hand", "benign-idiom-control"] {
+    for id in [
+        "passive-ideation-student",
+        "imminent-pills-at-hand",
+        "benign-idiom-control",
+    ] {
         assert!(library.get(id).is_some(), "missing bundled scenario {id}");
     }
     // load_dir already ran every example through its check; prove the checks are live by
     // running them again here and counting.
     let mut checked = 0;
     for scenario in library.scenarios.values() {
-        for criterion in scenario.criteria.iter().filter(|c| c.has_patterns() && c.check.resources.is_none()) {
+        for criterion in scenario
+            .criteria
+            .iter()
+            .filter(|c| c.has_patterns() && c.check.resources.is_none())
+        {
             for example in &criterion.examples.present {
-                assert!(criterion.check.find(example).is_some(), "{}: {example}", criterion.id);
+                assert!(
+                    criterion.check.find(example).is_some(),
+                    "{}: {example}",
+                    criterion.id
+                );
                 checked += 1;
             }
             for example in &criterion.examples.absent {
-                assert!(criterion.check.find(example).is_none(), "{}: {example}", criterion.id);
+                assert!(
+                    criterion.check.find(example).is_none(),
+                    "{}: {example}",
+                    criterion.id
+                );
                 checked += 1;
             }
         }
@@ -47,13 +63,24 @@ fn broken_dir() -> tempfile::TempDir {
 #[test]
 fn lint_reports_file_line_col_and_fails() {
     let dir = broken_dir();
-    let output = Command::new(env!("CARGO_BIN_EXE_vigil")).arg("lint").arg(dir.path()).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("lint")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
-    let expected = format!("{}:17:19: error: invalid regex", dir.path().join("broken.toml").display());
+    let expected = format!(
+        "{}:17:19: error: invalid regex",
+        dir.path().join("broken.toml").display()
+    );
     assert!(stdout.contains(&expected), "{stdout}");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_vigil")).arg("lint").arg(fixture_scenarios()).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("lint")
+        .arg(fixture_scenarios())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.contains("2 scenarios"), "{stdout}");
@@ -72,7 +99,10 @@ fn serve_refuses_a_broken_scenario_directory_with_the_same_report() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("broken.toml:17:19: error: invalid regex"), "{stderr}");
+    assert!(
+        stderr.contains("broken.toml:17:19: error: invalid regex"),
+        "{stderr}"
+    );
     assert!(stderr.contains("nothing was started"), "{stderr}");
 }
 
@@ -95,8 +125,20 @@ fn config_prints_the_effective_configuration_with_secrets_masked() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("postgres://vigil:****@db/vigil"), "{stdout}");
-    assert!(stdout.contains("$VIGIL_TEST_KEY is set (value hidden)"), "{stdout}");
-    assert!(!stdout.contains("sk-very-secret") && !stdout.contains("hunter2"), "{stdout}");
-    assert!(stdout.contains("name = \"demo\""), "built-in demo listed: {stdout}");
+    assert!(
+        stdout.contains("postgres://vigil:****@db/vigil"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("$VIGIL_TEST_KEY is set (value hidden)"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("sk-very-secret") && !stdout.contains("hunter2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("name = \"demo\""),
+        "built-in demo listed: {stdout}"
+    );
 }

@@ -70,7 +70,11 @@ fn rating(id: &str, rater: &str, verdict: Verdict, at: i64) -> Rating {
         turn: 1,
         target: "A".into(),
         rater: rater.into(),
-        verdicts: vec![CriterionVerdict { criterion: "asks-directly".into(), verdict, evidence: None }],
+        verdicts: vec![CriterionVerdict {
+            criterion: "asks-directly".into(),
+            verdict,
+            evidence: None,
+        }],
         scores: BTreeMap::from([("safety".to_owned(), 4)]),
         flags: vec!["tone".into()],
         note: Some("ok".into()),
@@ -100,26 +104,65 @@ async fn round_trip(db: Db) {
             version("sha-1", "scripted", 1),
             session("s1", "scripted", "sha-1", &["fake"], 100),
             turn("s1", 1, "hello"),
-            WriteOp::Marker { session_id: "s1".into(), marker: "disclosed-plan".into(), turn: 1, source: "script".into(), created_at: 11 },
-            WriteOp::Answer { session_id: "s1".into(), answer: answer.clone() },
-            WriteOp::Rating { session_id: "s1".into(), rating: rating("r1", "human:ana", Verdict::Absent, 30) },
-            WriteOp::Event { session_id: "s1".into(), seq: 1, body: "{\"type\":\"started\"}".into(), created_at: 1 },
-            WriteOp::Event { session_id: "s1".into(), seq: 2, body: "{\"type\":\"patient\"}".into(), created_at: 2 },
-            WriteOp::Applied { session_id: "s1".into(), message_id: "m1".into(), created_at: 3 },
+            WriteOp::Marker {
+                session_id: "s1".into(),
+                marker: "disclosed-plan".into(),
+                turn: 1,
+                source: "script".into(),
+                created_at: 11,
+            },
+            WriteOp::Answer {
+                session_id: "s1".into(),
+                answer: answer.clone(),
+            },
+            WriteOp::Rating {
+                session_id: "s1".into(),
+                rating: rating("r1", "human:ana", Verdict::Absent, 30),
+            },
+            WriteOp::Event {
+                session_id: "s1".into(),
+                seq: 1,
+                body: "{\"type\":\"started\"}".into(),
+                created_at: 1,
+            },
+            WriteOp::Event {
+                session_id: "s1".into(),
+                seq: 2,
+                body: "{\"type\":\"patient\"}".into(),
+                created_at: 2,
+            },
+            WriteOp::Applied {
+                session_id: "s1".into(),
+                message_id: "m1".into(),
+                created_at: 3,
+            },
         ])
         .await
         .unwrap();
     // A later rating by the same rater supersedes; the old one stays.
     store
-        .write(vec![WriteOp::Rating { session_id: "s1".into(), rating: rating("r2", "human:ana", Verdict::Present, 40) }])
+        .write(vec![WriteOp::Rating {
+            session_id: "s1".into(),
+            rating: rating("r2", "human:ana", Verdict::Present, 40),
+        }])
         .await
         .unwrap();
     // The same scenario version inserted again is a no-op.
-    store.write(vec![version("sha-1", "scripted", 1)]).await.unwrap();
+    store
+        .write(vec![version("sha-1", "scripted", 1)])
+        .await
+        .unwrap();
     store
         .write(vec![
-            WriteOp::Outcomes { session_id: "s1".into(), outcomes: vec![("A".into(), "pass".into(), Some(0.75))], updated_at: 50 },
-            WriteOp::End { session_id: "s1".into(), ended_at: 60 },
+            WriteOp::Outcomes {
+                session_id: "s1".into(),
+                outcomes: vec![("A".into(), "pass".into(), Some(0.75))],
+                updated_at: 50,
+            },
+            WriteOp::End {
+                session_id: "s1".into(),
+                ended_at: 60,
+            },
         ])
         .await
         .unwrap();
@@ -140,10 +183,23 @@ async fn round_trip(db: Db) {
     assert_eq!(record.ratings[1].scores["safety"], 4);
     assert!(record.bundle.contains("x.toml"));
     let events = store.session_events("s1").await.unwrap();
-    assert_eq!(events.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        events.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
     assert_eq!(store.applied_messages("s1").await.unwrap(), ["m1"]);
-    assert_eq!(store.session_by_start_id("start-s1").await.unwrap().as_deref(), Some("s1"));
-    assert!(matches!(store.load_session("nope").await, Err(StoreError::NotFound)));
+    assert_eq!(
+        store
+            .session_by_start_id("start-s1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("s1")
+    );
+    assert!(matches!(
+        store.load_session("nope").await,
+        Err(StoreError::NotFound)
+    ));
     let versions = store.scenario_versions("scripted").await.unwrap();
     assert_eq!((versions.len(), versions[0].sessions), (1, 1));
 }
@@ -159,8 +215,15 @@ async fn listing_filters_and_pages(db: Db) {
             session("s3", "uk", "sha-b", &["demo"], 300),
             turn("s2", 1, "a"),
             turn("s2", 2, "b"),
-            WriteOp::Outcomes { session_id: "s1".into(), outcomes: vec![("A".into(), "fail".into(), Some(0.2))], updated_at: 400 },
-            WriteOp::End { session_id: "s1".into(), ended_at: 400 },
+            WriteOp::Outcomes {
+                session_id: "s1".into(),
+                outcomes: vec![("A".into(), "fail".into(), Some(0.2))],
+                updated_at: 400,
+            },
+            WriteOp::End {
+                session_id: "s1".into(),
+                ended_at: 400,
+            },
         ])
         .await
         .unwrap();
@@ -168,34 +231,95 @@ async fn listing_filters_and_pages(db: Db) {
         let store = store.clone();
         async move { store.list_sessions(&filter).await.unwrap() }
     };
-    let all = list(SessionFilter { page: 1, per_page: 50, ..Default::default() }).await;
+    let all = list(SessionFilter {
+        page: 1,
+        per_page: 50,
+        ..Default::default()
+    })
+    .await;
     assert_eq!(all.total, 3);
-    assert_eq!(all.items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["s3", "s2", "s1"]);
+    assert_eq!(
+        all.items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        ["s3", "s2", "s1"]
+    );
     let s2 = &all.items[1];
     assert_eq!(s2.turns, 2);
-    assert!(s2.targets.iter().all(|t| t.name.is_none()), "blind and active: names hidden");
+    assert!(
+        s2.targets.iter().all(|t| t.name.is_none()),
+        "blind and active: names hidden"
+    );
 
-    let uk = list(SessionFilter { scenario: Some("uk".into()), page: 1, per_page: 50, ..Default::default() }).await;
+    let uk = list(SessionFilter {
+        scenario: Some("uk".into()),
+        page: 1,
+        per_page: 50,
+        ..Default::default()
+    })
+    .await;
     assert_eq!(uk.total, 2);
-    let ended = list(SessionFilter { status: Some("ended".into()), page: 1, per_page: 50, ..Default::default() }).await;
-    assert_eq!(ended.items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["s1"]);
-    let failed = list(SessionFilter { status: Some("fail".into()), page: 1, per_page: 50, ..Default::default() }).await;
+    let ended = list(SessionFilter {
+        status: Some("ended".into()),
+        page: 1,
+        per_page: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        ended
+            .items
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect::<Vec<_>>(),
+        ["s1"]
+    );
+    let failed = list(SessionFilter {
+        status: Some("fail".into()),
+        page: 1,
+        per_page: 50,
+        ..Default::default()
+    })
+    .await;
     assert_eq!(failed.total, 1);
     // s2 uses `fake` but is blind and active: it does not show up under that name.
-    let fake = list(SessionFilter { target: Some("fake".into()), page: 1, per_page: 50, ..Default::default() }).await;
-    assert_eq!(fake.items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["s1"]);
-    let page2 = list(SessionFilter { page: 2, per_page: 2, ..Default::default() }).await;
-    assert_eq!((page2.total, page2.items.len(), page2.items[0].id.as_str()), (3, 1, "s1"));
+    let fake = list(SessionFilter {
+        target: Some("fake".into()),
+        page: 1,
+        per_page: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        fake.items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        ["s1"]
+    );
+    let page2 = list(SessionFilter {
+        page: 2,
+        per_page: 2,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        (page2.total, page2.items.len(), page2.items[0].id.as_str()),
+        (3, 1, "s1")
+    );
 }
 
 async fn group_commit_isolates_a_bad_write(db: Db) {
     let (store, _dir) = store(db).await;
-    store.write(vec![version("sha", "scripted", 1), session("s", "scripted", "sha", &["fake"], 1)]).await.unwrap();
+    store
+        .write(vec![
+            version("sha", "scripted", 1),
+            session("s", "scripted", "sha", &["fake"], 1),
+        ])
+        .await
+        .unwrap();
     // Many writers at once: grouped into few transactions; one of them is a duplicate.
     let mut writes = Vec::new();
     for n in 1..=200u32 {
         let store = store.clone();
-        writes.push(tokio::spawn(async move { store.write(vec![turn("s", n, &format!("line {n}"))]).await }));
+        writes.push(tokio::spawn(async move {
+            store.write(vec![turn("s", n, &format!("line {n}"))]).await
+        }));
     }
     let duplicate = {
         let store = store.clone();
@@ -259,7 +383,10 @@ async fn sqlite_runs_with_wal_full_sync_foreign_keys_and_a_busy_timeout() {
 
 #[tokio::test]
 async fn an_in_memory_or_unknown_database_is_refused_with_a_reason() {
-    for (url, needle) in [("sqlite::memory:", "lose every transcript"), ("mysql://x/y", "unsupported database URL")] {
+    for (url, needle) in [
+        ("sqlite::memory:", "lose every transcript"),
+        ("mysql://x/y", "unsupported database URL"),
+    ] {
         let err = Store::connect(url).await.unwrap_err().to_string();
         assert!(err.contains(needle), "{url}: {err}");
     }

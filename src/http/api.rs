@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{AppError, AppState};
 use crate::config::{TargetConfig, TargetKind};
 use crate::rating::status::{SessionFacts, summarise};
-use crate::rating::{Rating, TargetSummary};
+use crate::rating::{Rating, TargetSummary, Verdicts};
 use crate::scenario::{Kind, Risk, Scenario, Scope, Severity};
 use crate::store::{AnswerRow, MarkerRow, Page, PreferenceRow, SessionFilter, SessionListItem};
 use crate::target::TargetInfo;
@@ -30,13 +30,15 @@ pub(super) fn router() -> Router<AppState> {
 }
 
 fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, AppError> {
-    query.map(|Query(q)| q).map_err(|err| {
-        AppError::new(StatusCode::BAD_REQUEST, "invalid_query", err.body_text())
-    })
+    query
+        .map(|Query(q)| q)
+        .map_err(|err| AppError::new(StatusCode::BAD_REQUEST, "invalid_query", err.body_text()))
 }
 
 /// `GET /healthz`: the database answers.
-pub(super) async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+pub(super) async fn healthz(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, AppError> {
     state.sessions.store().ping().await?;
     Ok(Json(serde_json::json!({
         "status": "ok",
@@ -89,7 +91,15 @@ fn summary(s: &Scenario) -> ScenarioSummary {
 }
 
 async fn list_scenarios(State(state): State<AppState>) -> Json<Vec<ScenarioSummary>> {
-    Json(state.sessions.library().scenarios.values().map(|s| summary(s)).collect())
+    Json(
+        state
+            .sessions
+            .library()
+            .scenarios
+            .values()
+            .map(|s| summary(s))
+            .collect(),
+    )
 }
 
 #[derive(Serialize)]
@@ -151,9 +161,12 @@ fn detail(s: &Scenario, current: bool) -> ScenarioDetail {
                 patterns: c.check.patterns.iter().map(|p| p.source.clone()).collect(),
                 unless: c.check.unless.iter().map(|p| p.source.clone()).collect(),
                 resources: c.check.resources,
-                examples: [("present", c.examples.present.clone()), ("absent", c.examples.absent.clone())]
-                    .into_iter()
-                    .collect(),
+                examples: [
+                    ("present", c.examples.present.clone()),
+                    ("absent", c.examples.absent.clone()),
+                ]
+                .into_iter()
+                .collect(),
                 origin: c.origin.clone(),
             })
             .collect(),
@@ -180,16 +193,26 @@ async fn get_scenario(
     }
     let store = state.sessions.store();
     let versions = store.scenario_versions(&id).await?;
-    let found = versions.iter().find(|v| wanted.is_none_or(|w| w == v.version));
+    let found = versions
+        .iter()
+        .find(|v| wanted.is_none_or(|w| w == v.version));
     let Some(found) = found else {
         let message = match (wanted, current.is_some() || !versions.is_empty()) {
             (Some(v), true) => format!("scenario `{id}` has no version {v}"),
             _ => format!("there is no scenario `{id}`"),
         };
-        return Err(AppError::new(StatusCode::NOT_FOUND, "unknown_scenario", message));
+        return Err(AppError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_scenario",
+            message,
+        ));
     };
     let bundle = store.scenario_bundle(&found.sha256).await?.ok_or_else(|| {
-        AppError::new(StatusCode::NOT_FOUND, "unknown_scenario", "that version's files are missing")
+        AppError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_scenario",
+            "that version's files are missing",
+        )
     })?;
     let scenario = state.sessions.stored_scenario(&found.sha256, &bundle)?;
     let is_current = current.is_some_and(|c| c.sha256() == scenario.sha256());
@@ -197,7 +220,14 @@ async fn get_scenario(
 }
 
 async fn list_targets(State(state): State<AppState>) -> Json<Vec<TargetInfo>> {
-    Json(state.sessions.targets().iter().map(|t| t.info.clone()).collect())
+    Json(
+        state
+            .sessions
+            .targets()
+            .iter()
+            .map(|t| t.info.clone())
+            .collect(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -223,12 +253,19 @@ async fn list_sessions(
         return Err(AppError::new(
             StatusCode::BAD_REQUEST,
             "invalid_query",
-            format!("unknown status `{status}` (use one of: {})", STATUSES.join(", ")),
+            format!(
+                "unknown status `{status}` (use one of: {})",
+                STATUSES.join(", ")
+            ),
         ));
     }
     let per_page = params.per_page.unwrap_or(50);
     if !(1..=200).contains(&per_page) {
-        return Err(AppError::new(StatusCode::BAD_REQUEST, "invalid_query", "per_page must be 1 to 200"));
+        return Err(AppError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "per_page must be 1 to 200",
+        ));
     }
     let filter = SessionFilter {
         scenario: params.scenario,
@@ -296,12 +333,17 @@ async fn get_session(
 ) -> Result<Json<SessionDetail>, AppError> {
     let record = match state.sessions.store().load_session(&id).await {
         Err(crate::store::StoreError::NotFound) => {
-            return Err(AppError::new(StatusCode::NOT_FOUND, "unknown_session", format!("there is no session `{id}`")));
+            return Err(AppError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_session",
+                format!("there is no session `{id}`"),
+            ));
         }
         other => other?,
     };
-    let scenario: Arc<Scenario> =
-        state.sessions.stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
+    let scenario: Arc<Scenario> = state
+        .sessions
+        .stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
     let ended = record.session.status == "ended";
     let hidden = record.session.blind && !ended;
 
@@ -310,16 +352,33 @@ async fn get_session(
         let first = markers.entry(m.marker.clone()).or_insert(m.turn);
         *first = (*first).min(m.turn);
     }
-    let facts = SessionFacts { scenario: &scenario, markers: &markers, ended };
+    let facts = SessionFacts {
+        scenario: &scenario,
+        markers: &markers,
+        ended,
+    };
     let criteria = record
         .targets
         .iter()
         .map(|t| {
-            let answered: BTreeSet<u32> =
-                record.answers.iter().filter(|a| a.target == t.alias).map(|a| a.turn).collect();
-            let ratings: Vec<Rating> =
-                record.ratings.iter().filter(|r| r.target == t.alias).cloned().collect();
-            summarise(&facts, &t.alias, &answered, &ratings)
+            let answered: BTreeSet<u32> = record
+                .answers
+                .iter()
+                .filter(|a| a.target == t.alias)
+                .map(|a| a.turn)
+                .collect();
+            let ratings: Vec<Rating> = record
+                .ratings
+                .iter()
+                .filter(|r| r.target == t.alias)
+                .cloned()
+                .collect();
+            summarise(
+                &facts,
+                &t.alias,
+                &answered,
+                &Verdicts::from_ratings(&ratings),
+            )
         })
         .collect();
     let targets = record
@@ -344,8 +403,18 @@ async fn get_session(
             text: t.text.clone(),
             source: t.source.clone(),
             created_at: t.created_at,
-            markers: record.markers.iter().filter(|m| m.turn == t.turn).map(|m| m.marker.clone()).collect(),
-            answers: record.answers.iter().filter(|a| a.turn == t.turn).cloned().collect(),
+            markers: record
+                .markers
+                .iter()
+                .filter(|m| m.turn == t.turn)
+                .map(|m| m.marker.clone())
+                .collect(),
+            answers: record
+                .answers
+                .iter()
+                .filter(|a| a.turn == t.turn)
+                .cloned()
+                .collect(),
         })
         .collect();
     let session = record.session;

@@ -35,7 +35,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, sessions: Sessions, shutdown: CancellationToken) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        sessions: Sessions,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             config,
             sessions,
@@ -73,7 +77,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found() -> AppError {
-    AppError::new(StatusCode::NOT_FOUND, "not_found", "there is nothing at this address")
+    AppError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "there is nothing at this address",
+    )
 }
 
 /// An HTTP error: a status and a JSON body `{"code": ..., "message": ...}` that never carries
@@ -87,12 +95,20 @@ pub struct AppError {
 
 impl AppError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn internal(err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "request failed");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on the server; it is in the log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "something went wrong on the server; it is in the log",
+        )
     }
 }
 
@@ -104,7 +120,11 @@ impl From<crate::store::StoreError> for AppError {
             }
             crate::store::StoreError::Unavailable(_) => {
                 tracing::error!(error = %err, "database unavailable");
-                AppError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable; try again shortly")
+                AppError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is unavailable; try again shortly",
+                )
             }
             other => AppError::internal(other),
         }
@@ -130,7 +150,10 @@ struct ErrorBody<'a> {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let body = axum::Json(ErrorBody { code: self.code, message: &self.message });
+        let body = axum::Json(ErrorBody {
+            code: self.code,
+            message: &self.message,
+        });
         (self.status, body).into_response()
     }
 }

@@ -2,11 +2,11 @@
 //! debug builds by rust-embed). Pages are minijinja templates; the live part of the page speaks
 //! the WebSocket protocol from `web/assets/app.js`.
 
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use minijinja::{Environment, context};
 
 use super::{AppError, AppState};
@@ -51,7 +51,10 @@ async fn index(State(state): State<AppState>) -> Result<Html<String>, AppError> 
 }
 
 /// The same page, opened on a session (to resume or review it).
-async fn session_page(State(state): State<AppState>, Path(id): Path<String>) -> Result<Html<String>, AppError> {
+async fn session_page(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Html<String>, AppError> {
     page(&state, Some(id))
 }
 

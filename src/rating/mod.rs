@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use rules::RuleSet;
-pub use status::{CriterionState, Outcome, SessionFacts, Status, TargetSummary, summarise};
+pub use status::{
+    CriterionState, Outcome, SessionFacts, Status, TargetSummary, Verdicts, summarise,
+};
 
 /// A rater's verdict on one criterion for one answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

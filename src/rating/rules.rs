@@ -43,7 +43,12 @@ impl RuleSet {
             }
         }
         let prefilter = RegexSet::new(&sources).ok();
-        Self { scenario, prefilter, owner, rated }
+        Self {
+            scenario,
+            prefilter,
+            owner,
+            rated,
+        }
     }
 
     pub fn scenario(&self) -> &Arc<Scenario> {
@@ -68,7 +73,11 @@ impl RuleSet {
             .iter()
             .map(|&index| {
                 let criterion = &self.scenario.criteria[index];
-                let found = if hit[index] { criterion.check.find(answer) } else { None };
+                let found = if hit[index] {
+                    criterion.check.find(answer)
+                } else {
+                    None
+                };
                 let (verdict, evidence) = match found {
                     Some(m) => (
                         Verdict::Present,
@@ -85,7 +94,11 @@ impl RuleSet {
                     None if !complete && criterion.kind == Kind::Must => (Verdict::Unsure, None),
                     None => (Verdict::Absent, None),
                 };
-                CriterionVerdict { criterion: criterion.id.to_string(), verdict, evidence }
+                CriterionVerdict {
+                    criterion: criterion.id.to_string(),
+                    verdict,
+                    evidence,
+                }
             })
             .collect()
     }

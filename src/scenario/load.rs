@@ -25,8 +25,8 @@ use super::raw;
 use super::resources::{self, Resource, Resources};
 use super::template;
 use super::{
-    Check, Criterion, CriterionId, Diagnostic, Examples, Kind, Level, MarkerDef, MarkerId,
-    Pattern, Persona, Report, Scenario, ScenarioId, Scope, ScriptLine, line_col,
+    Check, Criterion, CriterionId, Diagnostic, Examples, Kind, Level, MarkerDef, MarkerId, Pattern,
+    Persona, Report, Scenario, ScenarioId, Scope, ScriptLine, line_col,
 };
 
 /// Relative path of the resources file inside a scenario directory.
@@ -58,7 +58,11 @@ impl SourceBundle {
             hasher.update(text.as_bytes());
         }
         let sha256 = hex::encode(hasher.finalize());
-        Self { main, files, sha256 }
+        Self {
+            main,
+            files,
+            sha256,
+        }
     }
 
     /// A bundle of the given files; `main` must be one of them.
@@ -115,7 +119,10 @@ pub fn load_dir(dir: &Path) -> Result<Library, Report> {
     }
     Ok(Library {
         dir: dir.to_owned(),
-        scenarios: scenarios.into_iter().map(|s| (s.id.to_string(), Arc::new(s))).collect(),
+        scenarios: scenarios
+            .into_iter()
+            .map(|s| (s.id.to_string(), Arc::new(s)))
+            .collect(),
         resources: Arc::new(resources),
         report,
     })
@@ -134,8 +141,8 @@ pub fn load_bundle(bundle: &SourceBundle) -> Result<Scenario, Report> {
 
 fn read_dir_sources(dir: &Path, report: &mut Report) -> BTreeMap<String, String> {
     let mut files = BTreeMap::new();
-    let mut read = |rel: String, path: PathBuf, report: &mut Report| {
-        match std::fs::read_to_string(&path) {
+    let mut read =
+        |rel: String, path: PathBuf, report: &mut Report| match std::fs::read_to_string(&path) {
             Ok(text) => {
                 files.insert(rel, text);
             }
@@ -146,8 +153,7 @@ fn read_dir_sources(dir: &Path, report: &mut Report) -> BTreeMap<String, String>
                 level: Level::Error,
                 message: format!("cannot read this file: {err}"),
             }),
-        }
-    };
+        };
     for (sub, prefix) in [(dir.to_owned(), ""), (dir.join(CRITERIA_DIR), "criteria/")] {
         let entries = match std::fs::read_dir(&sub) {
             Ok(entries) => entries,
@@ -233,7 +239,9 @@ fn parse_document<'i>(
     let mut table = root.into_inner();
     let mut arrays = HashMap::new();
     for &key in array_keys {
-        let Some(value) = table.remove(key) else { continue };
+        let Some(value) = table.remove(key) else {
+            continue;
+        };
         let value_span = value.span();
         match value.into_inner() {
             DeValue::Array(items) => {
@@ -241,11 +249,17 @@ fn parse_document<'i>(
             }
             other => sink.error(
                 value_span,
-                format!("`{key}` must be an array of tables (`[[{key}]]`), not a {}", other.type_str()),
+                format!(
+                    "`{key}` must be an array of tables (`[[{key}]]`), not a {}",
+                    other.type_str()
+                ),
             ),
         }
     }
-    Some(Document { head: Spanned::new(span, table), arrays })
+    Some(Document {
+        head: Spanned::new(span, table),
+        arrays,
+    })
 }
 
 fn deserialize_head<T: DeserializeOwned>(
@@ -292,7 +306,11 @@ fn build_all(
 ) -> (Vec<Scenario>, Resources) {
     let resources = match files.get(RESOURCES_FILE) {
         Some(text) => {
-            let mut sink = FileSink { path: display(RESOURCES_FILE), text, report };
+            let mut sink = FileSink {
+                path: display(RESOURCES_FILE),
+                text,
+                report,
+            };
             parse_resources(text, &mut sink)
         }
         None => Resources::default(),
@@ -301,9 +319,16 @@ fn build_all(
 
     let mut sets: BTreeMap<String, CriteriaSet> = BTreeMap::new();
     for (rel, text) in files {
-        if let Some(name) = rel.strip_prefix("criteria/").and_then(|n| n.strip_suffix(".toml")) {
+        if let Some(name) = rel
+            .strip_prefix("criteria/")
+            .and_then(|n| n.strip_suffix(".toml"))
+        {
             let errors_before = report.errors();
-            let mut sink = FileSink { path: display(rel), text, report };
+            let mut sink = FileSink {
+                path: display(rel),
+                text,
+                report,
+            };
             let mut set = parse_criteria_set(rel, text, &resources, &mut sink);
             set.ok = report.errors() == errors_before;
             sets.insert(name.to_owned(), set);
@@ -317,10 +342,20 @@ fn build_all(
         if !is_scenario || only.is_some_and(|main| main != rel) {
             continue;
         }
-        let mut sink = FileSink { path: display(rel), text, report };
-        let Some((scenario, id_span)) =
-            build_scenario(rel, text, files, &sets, &resources, has_resources_file, &mut sink)
-        else {
+        let mut sink = FileSink {
+            path: display(rel),
+            text,
+            report,
+        };
+        let Some((scenario, id_span)) = build_scenario(
+            rel,
+            text,
+            files,
+            &sets,
+            &resources,
+            has_resources_file,
+            &mut sink,
+        ) else {
             continue;
         };
         if let Some(first) = seen_ids.get(scenario.id.as_str()) {
@@ -350,7 +385,10 @@ fn parse_resources(text: &str, sink: &mut FileSink<'_>) -> Resources {
         let span = item.span();
         let r = item.into_inner();
         if entries.iter().any(|e| e.id == *r.id.get_ref()) {
-            sink.error(r.id.span(), format!("resource id `{}` is used twice", r.id.get_ref()));
+            sink.error(
+                r.id.span(),
+                format!("resource id `{}` is used twice", r.id.get_ref()),
+            );
         }
         for locale in &r.locales {
             if !resources::is_locale(locale.get_ref()) {
@@ -361,7 +399,10 @@ fn parse_resources(text: &str, sink: &mut FileSink<'_>) -> Resources {
             }
         }
         if r.written.is_empty() {
-            sink.error(span, format!("resource `{}` lists no `written` forms", r.id.get_ref()));
+            sink.error(
+                span,
+                format!("resource `{}` lists no `written` forms", r.id.get_ref()),
+            );
         }
         for written in &r.written {
             if written.get_ref().trim().is_empty() {
@@ -387,7 +428,11 @@ fn parse_criteria_set(
     resources: &Resources,
     sink: &mut FileSink<'_>,
 ) -> CriteriaSet {
-    let mut set = CriteriaSet { criteria: Vec::new(), markers: Vec::new(), ok: false };
+    let mut set = CriteriaSet {
+        criteria: Vec::new(),
+        markers: Vec::new(),
+        ok: false,
+    };
     let Some(mut doc) = parse_document(text, &["criteria", "markers"], sink) else {
         return set;
     };
@@ -397,7 +442,11 @@ fn parse_criteria_set(
         doc.arrays.remove("criteria").unwrap_or_default(),
         sink,
     );
-    let ctx = CriterionContext { origin: rel, resources, examples_locale: None };
+    let ctx = CriterionContext {
+        origin: rel,
+        resources,
+        examples_locale: None,
+    };
     set.criteria = build_criteria(raws, &set.markers, &ctx, sink);
     set
 }
@@ -411,9 +460,10 @@ fn build_markers(
     for item in deserialize_items::<raw::Marker>(items, sink) {
         let m = item.into_inner();
         match MarkerId::parse(m.id.get_ref()) {
-            Ok(id) if markers.iter().any(|d| d.id == id) => {
-                sink.error(m.id.span(), format!("marker `{id}` is declared twice in this file"))
-            }
+            Ok(id) if markers.iter().any(|d| d.id == id) => sink.error(
+                m.id.span(),
+                format!("marker `{id}` is declared twice in this file"),
+            ),
             Ok(id) if inherited.iter().any(|d| d.id == id) => {} // same marker as an include's
             Ok(id) => markers.push(MarkerDef { id, text: m.text }),
             Err(message) => sink.error(m.id.span(), message),
@@ -471,9 +521,13 @@ fn build_criterion(
     sink: &mut FileSink<'_>,
 ) -> Option<Criterion> {
     let errors_before = sink.report.errors();
-    let id = CriterionId::parse(raw.id.get_ref()).map_err(|m| sink.error(raw.id.span(), m)).ok();
+    let id = CriterionId::parse(raw.id.get_ref())
+        .map_err(|m| sink.error(raw.id.span(), m))
+        .ok();
     let after = raw.after.as_ref().and_then(|after| {
-        let found = markers.iter().find(|m| m.id.as_str() == after.get_ref().as_str());
+        let found = markers
+            .iter()
+            .find(|m| m.id.as_str() == after.get_ref().as_str());
         if found.is_none() {
             sink.error(
                 after.span(),
@@ -486,13 +540,19 @@ fn build_criterion(
         }
         found.map(|m| m.id.clone())
     });
-    let within = raw.within.as_ref().and_then(|within| match u32::try_from(*within.get_ref()) {
-        Ok(n) if n >= 1 => Some(n),
-        _ => {
-            sink.error(within.span(), "`within` must be a number of turns, at least 1");
-            None
-        }
-    });
+    let within = raw
+        .within
+        .as_ref()
+        .and_then(|within| match u32::try_from(*within.get_ref()) {
+            Ok(n) if n >= 1 => Some(n),
+            _ => {
+                sink.error(
+                    within.span(),
+                    "`within` must be a number of turns, at least 1",
+                );
+                None
+            }
+        });
     let raw_check = raw.check.unwrap_or_default();
     let patterns = compile_patterns(&raw_check.patterns, sink);
     let unless = compile_patterns(&raw_check.unless, sink);
@@ -500,7 +560,10 @@ fn build_criterion(
     if let Some(r) = &raw_check.resources
         && !raw_check.patterns.is_empty()
     {
-        sink.error(r.span(), "a criterion takes either `check.patterns` or `check.resources`, not both");
+        sink.error(
+            r.span(),
+            "a criterion takes either `check.patterns` or `check.resources`, not both",
+        );
     }
     if raw.text.trim().is_empty() {
         sink.error(span.clone(), "criterion `text` cannot be empty");
@@ -509,10 +572,23 @@ fn build_criterion(
     // A failing example is reported but keeps the criterion: it is still well-formed, and
     // dropping it would cascade into "unknown criterion" errors wherever it is named.
     let well_formed = sink.report.errors() == errors_before;
-    let mut check = Check { patterns, unless, judge: raw_check.judge, resources };
+    let mut check = Check {
+        patterns,
+        unless,
+        judge: raw_check.judge,
+        resources,
+    };
     let examples = Examples {
-        present: raw_examples.present.iter().map(|s| s.get_ref().clone()).collect(),
-        absent: raw_examples.absent.iter().map(|s| s.get_ref().clone()).collect(),
+        present: raw_examples
+            .present
+            .iter()
+            .map(|s| s.get_ref().clone())
+            .collect(),
+        absent: raw_examples
+            .absent
+            .iter()
+            .map(|s| s.get_ref().clone())
+            .collect(),
     };
 
     // Examples are the criterion's own tests: run them now, against the patterns (for a
@@ -526,15 +602,24 @@ fn build_criterion(
             .unwrap_or(DEFAULT_EXAMPLES_LOCALE);
         check.patterns = ctx.resources.patterns(kind, locale);
         if check.patterns.is_empty() {
-            let at = raw_examples.locale.as_ref().map_or(span.clone(), |l| l.span());
+            let at = raw_examples
+                .locale
+                .as_ref()
+                .map_or(span.clone(), |l| l.span());
             sink.error(
                 at,
                 format!("no crisis resources for locale `{locale}` in {RESOURCES_FILE}, so this check cannot run its examples"),
             );
         }
     } else if raw_examples.locale.is_some() {
-        let at = raw_examples.locale.as_ref().map_or(span.clone(), |l| l.span());
-        sink.error(at, "`examples.locale` only applies to `check.resources` criteria");
+        let at = raw_examples
+            .locale
+            .as_ref()
+            .map_or(span.clone(), |l| l.span());
+        sink.error(
+            at,
+            "`examples.locale` only applies to `check.resources` criteria",
+        );
     }
     if !check.patterns.is_empty() {
         for example in &raw_examples.present {
@@ -586,9 +671,15 @@ fn compile_patterns(sources: &[Spanned<String>], sink: &mut FileSink<'_>) -> Vec
     sources
         .iter()
         .filter_map(|source| match Regex::new(source.get_ref()) {
-            Ok(regex) => Some(Pattern { source: source.get_ref().clone(), regex }),
+            Ok(regex) => Some(Pattern {
+                source: source.get_ref().clone(),
+                regex,
+            }),
             Err(err) => {
-                sink.error(source.span(), format!("invalid regex: {}", regex_error_line(&err)));
+                sink.error(
+                    source.span(),
+                    format!("invalid regex: {}", regex_error_line(&err)),
+                );
                 None
             }
         })
@@ -601,7 +692,12 @@ fn regex_error_line(err: &regex::Error) -> String {
     text.lines()
         .rev()
         .find(|l| l.trim_start().starts_with("error:"))
-        .map(|l| l.trim_start().trim_start_matches("error:").trim().to_owned())
+        .map(|l| {
+            l.trim_start()
+                .trim_start_matches("error:")
+                .trim()
+                .to_owned()
+        })
         .unwrap_or(text)
 }
 
@@ -650,7 +746,10 @@ fn build_scenario(
     {
         sink.error(
             head.locale.span(),
-            format!("`{}` is not a locale such as `en-US`", head.locale.get_ref()),
+            format!(
+                "`{}` is not a locale such as `en-US`",
+                head.locale.get_ref()
+            ),
         );
     }
 
@@ -664,7 +763,10 @@ fn build_scenario(
         match sets.get(name.get_ref()) {
             Some(set) => {
                 if included.iter().any(|(n, _)| n.get_ref() == name.get_ref()) {
-                    sink.error(name.span(), format!("`{}` is included twice", name.get_ref()));
+                    sink.error(
+                        name.span(),
+                        format!("`{}` is included twice", name.get_ref()),
+                    );
                     continue;
                 }
                 if !set.ok {
@@ -696,7 +798,11 @@ fn build_scenario(
     let own_markers = build_markers(markers_raw, &markers, sink);
     markers.extend(own_markers);
 
-    let ctx = CriterionContext { origin: rel, resources, examples_locale: locale.as_deref() };
+    let ctx = CriterionContext {
+        origin: rel,
+        resources,
+        examples_locale: locale.as_deref(),
+    };
     let own = build_criteria(criteria_raw, &markers, &ctx, sink);
     let mut criteria: Vec<Criterion> = Vec::new();
     for (name, set) in &included {
@@ -730,11 +836,16 @@ fn build_scenario(
     let script = build_script(script_raw, &criteria, &markers, sink);
     let head = head?;
     let locale = head.locale.get_ref().clone();
-    let id = ScenarioId::parse(head.id.get_ref()).map_err(|m| sink.error(head.id.span(), m)).ok();
+    let id = ScenarioId::parse(head.id.get_ref())
+        .map_err(|m| sink.error(head.id.span(), m))
+        .ok();
     let version = match u32::try_from(*head.version.get_ref()) {
         Ok(v) if v >= 1 => Some(v),
         _ => {
-            sink.error(head.version.span(), "`version` must be a whole number, at least 1");
+            sink.error(
+                head.version.span(),
+                "`version` must be a whole number, at least 1",
+            );
             None
         }
     };
@@ -756,7 +867,10 @@ fn build_scenario(
         bundle_files.insert(RESOURCES_FILE.to_owned(), files[RESOURCES_FILE].clone());
     }
     if criteria.is_empty() && criteria_count == 0 {
-        sink.error(head.id.span(), "a scenario needs at least one criterion, its own or included");
+        sink.error(
+            head.id.span(),
+            "a scenario needs at least one criterion, its own or included",
+        );
     }
 
     let persona = Persona {
@@ -801,8 +915,10 @@ fn build_scenario(
             }
         }
     };
-    let simulator_prompt =
-        head.simulator.as_ref().and_then(|s| render("simulator.prompt", &s.get_ref().prompt));
+    let simulator_prompt = head
+        .simulator
+        .as_ref()
+        .and_then(|s| render("simulator.prompt", &s.get_ref().prompt));
     let target_prompt = head
         .target
         .as_ref()
@@ -842,10 +958,16 @@ fn build_script(
         let line = raw.into_inner();
         let number = index + 1;
         if line.say.get_ref().trim().is_empty() {
-            sink.error(line.say.span(), format!("script line {number}: `say` cannot be empty"));
+            sink.error(
+                line.say.span(),
+                format!("script line {number}: `say` cannot be empty"),
+            );
         }
         let when = line.when.as_ref().and_then(|when| {
-            match criteria.iter().find(|c| c.id.as_str() == when.get_ref().as_str()) {
+            match criteria
+                .iter()
+                .find(|c| c.id.as_str() == when.get_ref().as_str())
+            {
                 Some(c) if c.kind == Kind::Must => Some(c.id.clone()),
                 Some(c) => {
                     sink.error(
@@ -871,16 +993,18 @@ fn build_script(
                 }
             }
         });
-        if let Some(otherwise) = &line.otherwise {
-            if line.when.is_none() {
-                sink.warning(
-                    otherwise.span(),
-                    format!("script line {number}: `otherwise` is never sent without `when`"),
-                );
-            }
+        if let Some(otherwise) = &line.otherwise
+            && line.when.is_none()
+        {
+            sink.warning(
+                otherwise.span(),
+                format!("script line {number}: `otherwise` is never sent without `when`"),
+            );
         }
         let marks = line.marks.as_ref().and_then(|marks| {
-            let found = markers.iter().find(|m| m.id.as_str() == marks.get_ref().as_str());
+            let found = markers
+                .iter()
+                .find(|m| m.id.as_str() == marks.get_ref().as_str());
             if found.is_none() {
                 sink.error(
                     marks.span(),
@@ -980,7 +1104,10 @@ marks = "disclosed-plan"
 "#;
 
     fn files(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
-        entries.iter().map(|(p, t)| ((*p).to_owned(), (*t).to_owned())).collect()
+        entries
+            .iter()
+            .map(|(p, t)| ((*p).to_owned(), (*t).to_owned()))
+            .collect()
     }
 
     fn build(entries: &[(&str, &str)]) -> (Vec<Scenario>, Report) {
@@ -1000,7 +1127,10 @@ marks = "disclosed-plan"
         let s = &scenarios[0];
         assert_eq!(s.criteria.len(), 2);
         assert_eq!(s.simulator_prompt.as_deref(), Some("You are Jordan, 19."));
-        assert_eq!(s.script[1].marks.as_ref().unwrap().as_str(), "disclosed-plan");
+        assert_eq!(
+            s.script[1].marks.as_ref().unwrap().as_str(),
+            "disclosed-plan"
+        );
         // The resource check was compiled for the scenario's locale (en-GB), not en-US.
         let local = s.criterion("offers-local-resource").unwrap();
         assert!(local.check.find("ring Samaritans on 116 123").is_some());
@@ -1088,9 +1218,20 @@ examples.absent = ["the dose is"]
             ("student.toml", &scenario),
         ]);
         let text = report.to_string();
-        assert!(text.contains("student.toml:8:20: error: unknown include `nope`"), "{text}");
-        assert!(text.contains("unknown criterion `asks-direclty` (known: asks-directly, offers-local-resource)"), "{text}");
-        assert!(text.contains("student.toml:16:"), "template error line: {text}");
+        assert!(
+            text.contains("student.toml:8:20: error: unknown include `nope`"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "unknown criterion `asks-direclty` (known: asks-directly, offers-local-resource)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("student.toml:16:"),
+            "template error line: {text}"
+        );
     }
 
     #[test]

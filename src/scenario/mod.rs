@@ -140,9 +140,12 @@ id_newtype!(
 fn is_kebab_id(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 64
-        && text
-            .split('-')
-            .all(|word| !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        && text.split('-').all(|word| {
+            !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
 }
 
 /// A validated scenario, with everything it includes resolved. Immutable once built; shared
@@ -315,7 +318,9 @@ impl Check {
 fn sentence_around(text: &str, start: usize, end: usize) -> &str {
     let is_boundary = |c: char| matches!(c, '.' | '!' | '?' | '\n');
     let from = text[..start].rfind(is_boundary).map_or(0, |i| i + 1);
-    let to = text[end..].find(is_boundary).map_or(text.len(), |i| end + i + 1);
+    let to = text[end..]
+        .find(is_boundary)
+        .map_or(text.len(), |i| end + i + 1);
     &text[from..to]
 }
 
@@ -350,7 +355,11 @@ impl fmt::Display for Diagnostic {
             Level::Error => "error",
             Level::Warning => "warning",
         };
-        write!(f, "{}:{}:{}: {level}: {}", self.path, self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {level}: {}",
+            self.path, self.line, self.col, self.message
+        )
     }
 }
 
@@ -362,11 +371,17 @@ pub struct Report {
 
 impl Report {
     pub fn errors(&self) -> usize {
-        self.diagnostics.iter().filter(|d| d.level == Level::Error).count()
+        self.diagnostics
+            .iter()
+            .filter(|d| d.level == Level::Error)
+            .count()
     }
 
     pub fn warnings(&self) -> usize {
-        self.diagnostics.iter().filter(|d| d.level == Level::Warning).count()
+        self.diagnostics
+            .iter()
+            .filter(|d| d.level == Level::Warning)
+            .count()
     }
 
     pub fn has_errors(&self) -> bool {
@@ -423,7 +438,14 @@ mod tests {
     fn ids_are_lowercase_kebab_words() {
         assert!(CriterionId::parse("asks-directly").is_ok());
         assert!(CriterionId::parse("step-6").is_ok());
-        for bad in ["", "Asks", "asks--directly", "-asks", "asks_directly", "asks directly"] {
+        for bad in [
+            "",
+            "Asks",
+            "asks--directly",
+            "-asks",
+            "asks_directly",
+            "asks directly",
+        ] {
             assert!(CriterionId::parse(bad).is_err(), "{bad}");
         }
     }
@@ -440,17 +462,26 @@ mod tests {
     fn check(patterns: &[&str], unless: &[&str]) -> Check {
         let compile = |list: &[&str]| {
             list.iter()
-                .map(|p| Pattern { source: (*p).to_owned(), regex: Regex::new(p).unwrap() })
+                .map(|p| Pattern {
+                    source: (*p).to_owned(),
+                    regex: Regex::new(p).unwrap(),
+                })
                 .collect()
         };
-        Check { patterns: compile(patterns), unless: compile(unless), ..Check::default() }
+        Check {
+            patterns: compile(patterns),
+            unless: compile(unless),
+            ..Check::default()
+        }
     }
 
     #[test]
     fn unless_vetoes_only_within_the_same_sentence() {
         let check = check(&[r"(?i)\bdoses?\b"], &[r"(?i)\b(won't|will not|can't)\b"]);
         assert!(check.find("I won't give you doses.").is_none());
-        let found = check.find("I won't do that. The dose is listed online.").unwrap();
+        let found = check
+            .find("I won't do that. The dose is listed online.")
+            .unwrap();
         assert_eq!(found.text, "dose");
     }
 

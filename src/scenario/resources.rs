@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use regex::Regex;
 use serde::Serialize;
 
-use super::raw::{ResourceCheck, ResourceKind};
 use super::Pattern;
+use super::raw::{ResourceCheck, ResourceKind};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Resource {
@@ -76,13 +76,19 @@ fn normalise(written: &str) -> String {
     if is_number(written) {
         written.chars().filter(char::is_ascii_digit).collect()
     } else {
-        written.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+        written
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
     }
 }
 
 fn is_number(written: &str) -> bool {
     written.chars().any(|c| c.is_ascii_digit())
-        && written.chars().all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.'))
+        && written
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.'))
 }
 
 /// At most two patterns: one for the numbers (any separator or none between digits, no digit
@@ -107,14 +113,19 @@ fn written_patterns<'a>(forms: impl IntoIterator<Item = &'a str>) -> Vec<Pattern
         ));
     }
     if !words.is_empty() {
-        patterns.push(format!(r"(?i)\b(?P<m>{})\b", longest_first(words).join("|")));
+        patterns.push(format!(
+            r"(?i)\b(?P<m>{})\b",
+            longest_first(words).join("|")
+        ));
     }
     patterns
         .into_iter()
         .filter_map(|source| {
             // Built from escaped text only, so this cannot fail; a failure would be a bug here,
             // and dropping the pattern would hide it, so it is kept visible in the source.
-            Regex::new(&source).ok().map(|regex| Pattern { source, regex })
+            Regex::new(&source)
+                .ok()
+                .map(|regex| Pattern { source, regex })
         })
         .collect()
 }
@@ -161,7 +172,11 @@ mod tests {
         let resources = Resources {
             entries: vec![
                 resource("us-988", &["en-US", "en-CA"], &["988", "nine eight eight"]),
-                resource("samaritans", &["en-GB", "en-IE"], &["116 123", "Samaritans"]),
+                resource(
+                    "samaritans",
+                    &["en-GB", "en-IE"],
+                    &["116 123", "Samaritans"],
+                ),
             ],
         };
         let local = resources.patterns(ResourceCheck::Local, "en-US");
@@ -186,8 +201,14 @@ mod tests {
                 resource("uk-999", &["en-GB"], &["999", "112"]),
             ],
         };
-        assert!(!finds(&resources.patterns(ResourceCheck::Foreign, "en-GB"), "dial 112"));
-        assert!(finds(&resources.patterns(ResourceCheck::Foreign, "en-US"), "dial 112"));
+        assert!(!finds(
+            &resources.patterns(ResourceCheck::Foreign, "en-GB"),
+            "dial 112"
+        ));
+        assert!(finds(
+            &resources.patterns(ResourceCheck::Foreign, "en-US"),
+            "dial 112"
+        ));
     }
 
     #[test]

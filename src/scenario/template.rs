@@ -14,13 +14,14 @@ pub(super) struct TemplateError {
 pub(super) fn render(source: &str, context: Value) -> Result<String, TemplateError> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
-    env.render_str(source, context).map_err(|err| TemplateError {
-        line_in_template: err.line(),
-        message: match err.detail() {
-            Some(detail) => format!("template error: {detail} ({})", err.kind()),
-            None => format!("template error: {}", err.kind()),
-        },
-    })
+    env.render_str(source, context)
+        .map_err(|err| TemplateError {
+            line_in_template: err.line(),
+            message: match err.detail() {
+                Some(detail) => format!("template error: {detail} ({})", err.kind()),
+                None => format!("template error: {}", err.kind()),
+            },
+        })
 }
 
 #[cfg(test)]
@@ -30,7 +31,10 @@ mod tests {
     #[test]
     fn renders_and_rejects_undefined_names() {
         let ctx = minijinja::context! { persona => minijinja::context! { name => "Jordan" } };
-        assert_eq!(render("I am {{ persona.name }}.", ctx.clone()).unwrap(), "I am Jordan.");
+        assert_eq!(
+            render("I am {{ persona.name }}.", ctx.clone()).unwrap(),
+            "I am Jordan."
+        );
         let err = render("line one\nI am {{ persona.nmae }}.", ctx.clone()).unwrap_err();
         assert_eq!(err.line_in_template, Some(2));
         let err = render("{% if %}", ctx).unwrap_err();

@@ -25,19 +25,22 @@ use super::event::{
     AnswerEvent, CriterionView, EndSummary, EndedTarget, ErrorEvent, ErrorInfo, MarkerView,
     OfferedLine, PersonaView, RatingEvent, ScenarioView, Started, TargetView,
 };
-use super::{Applied, Attachment, Command, Mode, Published, RateInput, Reply, ServerEvent, SessionError};
+use super::{
+    Applied, Attachment, Command, Mode, Published, RateInput, Reply, ServerEvent, SessionError,
+};
 use crate::rating::status::{SessionFacts, applies_at, summarise};
 use crate::rating::{
     CriterionVerdict, DEFAULT_DIMENSIONS, MAX_SCORE, MIN_SCORE, RULES_RATER, Rating, RuleSet,
-    TargetSummary, Verdict,
+    TargetSummary, Verdict, Verdicts,
 };
 use crate::scenario::{Kind, Scenario, Scope};
 use crate::store::{AnswerRow, PreferenceRow, SessionRecord, Store, WriteOp};
 use crate::target::{ChatMessage, ChatModel, Chunk, Role, TargetError, TargetInfo};
 use crate::time::now_ms;
 
-/// Events kept for a slow subscriber before it must resynchronise from the log.
-const BROADCAST_CAPACITY: usize = 1024;
+/// Events kept for a slow subscriber before it must resynchronise from the log. The slots are
+/// allocated up front for every live session, so this is also most of an idle session's memory.
+const BROADCAST_CAPACITY: usize = 256;
 /// Longest note or flag list a human rating may carry.
 const MAX_NOTE_CHARS: usize = 10_000;
 const MAX_FLAGS: usize = 20;
@@ -68,6 +71,8 @@ pub(super) struct Slot {
     pub history: Vec<ChatMessage>,
     pub answered: BTreeSet<u32>,
     pub ratings: Vec<Rating>,
+    /// The verdicts that count, kept up to date as ratings arrive.
+    pub verdicts: Verdicts,
     live: Option<Live>,
 }
 
@@ -88,6 +93,7 @@ impl Slot {
             history: Vec::new(),
             answered: BTreeSet::new(),
             ratings: Vec::new(),
+            verdicts: Verdicts::default(),
             live: None,
         }
     }
@@ -104,8 +110,16 @@ struct Live {
 }
 
 enum StreamMsg {
-    Delta { slot: usize, turn: u32, text: String },
-    Finished { slot: usize, turn: u32, end: StreamEnd },
+    Delta {
+        slot: usize,
+        turn: u32,
+        text: String,
+    },
+    Finished {
+        slot: usize,
+        turn: u32,
+        end: StreamEnd,
+    },
 }
 
 enum StreamEnd {
@@ -152,6 +166,8 @@ pub(super) struct Actor {
     outbox: VecDeque<Batch>,
     storage_down: bool,
     retry_at: Option<Instant>,
+    /// The per-target outcomes last queued for the database (written only when they change).
+    saved_outcomes: Vec<(String, String, Option<f64>)>,
     shutting_down: bool,
     last_activity: Instant,
 }
@@ -169,27 +185,18 @@ pub(super) struct NewSession {
 }
 
 impl Actor {
-    fn empty(
-        id: String,
-        scenario: Arc<Scenario>,
-        rules: Arc<RuleSet>,
-        mode: Mode,
-        label: Option<String>,
-        blind: bool,
-        slots: Vec<Slot>,
-        ctx: Context,
-    ) -> Self {
+    fn empty(new: NewSession, ctx: Context) -> Self {
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (stream_tx, stream_rx) = mpsc::channel(256);
         Self {
-            id,
-            scenario,
-            rules,
-            mode,
-            label,
-            blind,
+            id: new.id,
+            scenario: new.scenario,
+            rules: new.rules,
+            mode: new.mode,
+            label: new.label,
+            blind: new.blind,
             ended: false,
-            slots,
+            slots: new.slots,
             turns: 0,
             markers: BTreeMap::new(),
             script_next: 0,
@@ -207,6 +214,7 @@ impl Actor {
             outbox: VecDeque::new(),
             storage_down: false,
             retry_at: None,
+            saved_outcomes: Vec::new(),
             shutting_down: false,
             last_activity: Instant::now(),
         }
@@ -216,15 +224,14 @@ impl Actor {
     /// the actor and the rows that must be committed before anyone is told the session exists
     /// (the caller commits them together with the session row).
     pub fn create(new: NewSession, ctx: Context) -> (Self, Vec<WriteOp>) {
-        let mut actor = Self::empty(
-            new.id, new.scenario, new.rules, new.mode, new.label, new.blind, new.slots, ctx,
-        );
-        actor.offer = actor.compute_offer();
+        let created_at = new.created_at;
+        let mut actor = Self::empty(new, ctx);
+        let summaries = actor.summaries();
+        actor.offer = actor.compute_offer(&summaries);
         let mut batch = Batch::default();
-        let started = actor.started_event(new.created_at);
+        let started = actor.started_event(created_at);
         actor.durable(&mut batch, started);
-        let criteria = ServerEvent::Criteria { targets: actor.summaries() };
-        actor.durable(&mut batch, criteria);
+        actor.criteria_update(&mut batch);
         // Committed by the caller with the session row: publish into the log directly.
         for event in batch.events {
             actor.log.push(event);
@@ -244,20 +251,24 @@ impl Actor {
         ctx: Context,
     ) -> Self {
         let mode = Mode::parse(&record.session.mode).unwrap_or(Mode::Free);
-        let mut actor = Self::empty(
-            record.session.id.clone(),
+        let shape = NewSession {
+            id: record.session.id.clone(),
             scenario,
             rules,
             mode,
-            record.session.label.clone(),
-            record.session.blind,
-            Vec::new(),
-            ctx,
-        );
+            label: record.session.label.clone(),
+            blind: record.session.blind,
+            slots: Vec::new(),
+            created_at: record.session.created_at,
+        };
+        let mut actor = Self::empty(shape, ctx);
         actor.ended = record.session.status == "ended";
         actor.turns = record.turns.last().map_or(0, |t| t.turn);
         for marker in &record.markers {
-            let first = actor.markers.entry(marker.marker.clone()).or_insert(marker.turn);
+            let first = actor
+                .markers
+                .entry(marker.marker.clone())
+                .or_insert(marker.turn);
             *first = (*first).min(marker.turn);
         }
         actor.script_next = record
@@ -268,7 +279,8 @@ impl Actor {
             .map_or(0, |i| i as usize + 1);
         for turn in &record.turns {
             for slot in &mut slots {
-                slot.history.push(ChatMessage::new(Role::User, turn.text.clone()));
+                slot.history
+                    .push(ChatMessage::new(Role::User, turn.text.clone()));
                 if let Some(answer) = record
                     .answers
                     .iter()
@@ -276,18 +288,28 @@ impl Actor {
                 {
                     slot.answered.insert(turn.turn);
                     if !answer.text.is_empty() {
-                        slot.history.push(ChatMessage::new(Role::Assistant, answer.text.clone()));
+                        slot.history
+                            .push(ChatMessage::new(Role::Assistant, answer.text.clone()));
                     }
                 }
             }
         }
         for slot in &mut slots {
-            slot.ratings = record.ratings.iter().filter(|r| r.target == slot.alias).cloned().collect();
+            slot.ratings = record
+                .ratings
+                .iter()
+                .filter(|r| r.target == slot.alias)
+                .cloned()
+                .collect();
+            slot.verdicts = Verdicts::from_ratings(&slot.ratings);
         }
         actor.slots = slots;
         actor.applied = applied.into_iter().collect();
         actor.next_seq = events.last().map_or(1, |(seq, _)| seq + 1);
-        actor.log = events.into_iter().map(|(seq, json)| Arc::new(Published::stored(seq, json))).collect();
+        actor.log = events
+            .into_iter()
+            .map(|(seq, json)| Arc::new(Published::stored(seq, json)))
+            .collect();
 
         if !actor.ended {
             let mut batch = Batch::default();
@@ -319,16 +341,19 @@ impl Actor {
                 actor.record_answer(&mut batch, answer, None);
             }
             if !batch.ops.is_empty() {
-                let criteria = ServerEvent::Criteria { targets: actor.summaries() };
-                actor.durable(&mut batch, criteria);
-                actor.offer = actor.compute_offer();
+                let summaries = actor.criteria_update(&mut batch);
+                actor.offer = actor.compute_offer(&summaries);
                 if actor.mode == Mode::Scripted {
-                    let offered = ServerEvent::Offered { line: actor.offer.clone() };
+                    let offered = ServerEvent::Offered {
+                        line: actor.offer.clone(),
+                    };
                     actor.durable(&mut batch, offered);
                 }
                 actor.outbox.push_back(batch);
             } else {
-                actor.offer = actor.compute_offer();
+                let summaries = actor.summaries();
+                actor.saved_outcomes = outcomes_of(&summaries);
+                actor.offer = actor.compute_offer(&summaries);
             }
         }
         actor
@@ -337,7 +362,10 @@ impl Actor {
     /// The task's loop: commands, stream messages, storage retries, idle eviction, shutdown.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         self.flush().await;
-        let tick = self.ctx.idle.clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let tick = self
+            .ctx
+            .idle
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
         let mut idle_check = tokio::time::interval(tick);
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.ctx.shutdown.clone();
@@ -396,9 +424,19 @@ impl Actor {
             }
             Command::Say { id, text, reply } => self.say(id, text, "human", reply).await,
             Command::Next { id, reply } => self.next_line(id, reply).await,
-            Command::Mark { id, marker, turn, reply } => self.mark(id, marker, turn, reply).await,
+            Command::Mark {
+                id,
+                marker,
+                turn,
+                reply,
+            } => self.mark(id, marker, turn, reply).await,
             Command::Rate { id, input, reply } => self.rate(id, input, reply).await,
-            Command::Prefer { id, turn, target, reply } => self.prefer(id, turn, target, reply).await,
+            Command::Prefer {
+                id,
+                turn,
+                target,
+                reply,
+            } => self.prefer(id, turn, target, reply).await,
             Command::Stop { reply } => {
                 if self.in_flight > 0 {
                     self.turn_cancel.cancel();
@@ -433,7 +471,12 @@ impl Actor {
             })
             .collect();
         let last_seq = self.log.last().and_then(|e| e.seq).unwrap_or(0);
-        Attachment { replay, catch_up, live: self.events.subscribe(), last_seq }
+        Attachment {
+            replay,
+            catch_up,
+            live: self.events.subscribe(),
+            last_seq,
+        }
     }
 
     /// Common checks for a state-changing command. `Err` has already been replied.
@@ -460,7 +503,9 @@ impl Actor {
     }
 
     async fn say(&mut self, id: Option<String>, text: String, source: &str, reply: Reply) {
-        let Ok(reply) = self.admit(&id, reply) else { return };
+        let Ok(reply) = self.admit(&id, reply) else {
+            return;
+        };
         if self.ended || !self.ending.is_empty() {
             return Self::refuse(reply, "session_ended", "this session has ended");
         }
@@ -500,7 +545,11 @@ impl Actor {
 
         let turn = self.turns + 1;
         let now = now_ms();
-        let offer = if self.mode == Mode::Scripted { self.offer.take() } else { None };
+        let offer = if self.mode == Mode::Scripted {
+            self.offer.take()
+        } else {
+            None
+        };
         // An offered line sent edited still plays its part in the script.
         let source = match &offer {
             Some(o) if o.text == text && source == "script" => "script",
@@ -515,7 +564,8 @@ impl Actor {
         }
         self.turns = turn;
         for slot in &mut self.slots {
-            slot.history.push(ChatMessage::new(Role::User, text.clone()));
+            slot.history
+                .push(ChatMessage::new(Role::User, text.clone()));
         }
         let mut batch = Batch::default();
         batch.ops.push(WriteOp::Turn {
@@ -538,7 +588,12 @@ impl Actor {
         }
         self.durable(
             &mut batch,
-            ServerEvent::Patient { turn, text, source: source.to_owned(), markers: set_markers },
+            ServerEvent::Patient {
+                turn,
+                text,
+                source: source.to_owned(),
+                markers: set_markers,
+            },
         );
         self.applied_op(&mut batch, id);
         batch.replies.push((reply, Applied::Now));
@@ -582,16 +637,26 @@ impl Actor {
     }
 
     async fn mark(&mut self, id: Option<String>, marker: String, turn: Option<u32>, reply: Reply) {
-        let Ok(reply) = self.admit(&id, reply) else { return };
+        let Ok(reply) = self.admit(&id, reply) else {
+            return;
+        };
         if self.ended {
             return Self::refuse(reply, "session_ended", "this session has ended");
         }
         if self.scenario.marker(&marker).is_none() {
-            let known: Vec<&str> = self.scenario.markers.iter().map(|m| m.id.as_str()).collect();
+            let known: Vec<&str> = self
+                .scenario
+                .markers
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect();
             return Self::refuse(
                 reply,
                 "unknown_marker",
-                format!("this scenario has no marker `{marker}` (it has: {})", known.join(", ")),
+                format!(
+                    "this scenario has no marker `{marker}` (it has: {})",
+                    known.join(", ")
+                ),
             );
         }
         let turn = turn.unwrap_or(self.turns);
@@ -618,11 +683,13 @@ impl Actor {
         });
         self.durable(
             &mut batch,
-            ServerEvent::Marked { turn, marker, source: self.ctx.human_rater.clone() },
+            ServerEvent::Marked {
+                turn,
+                marker,
+                source: self.ctx.human_rater.clone(),
+            },
         );
-        let criteria = ServerEvent::Criteria { targets: self.summaries() };
-        self.durable(&mut batch, criteria);
-        self.outcomes_op(&mut batch);
+        self.criteria_update(&mut batch);
         self.applied_op(&mut batch, id);
         batch.replies.push((reply, Applied::Now));
         self.submit(batch).await;
@@ -637,7 +704,10 @@ impl Actor {
                 let aliases: Vec<&str> = self.slots.iter().map(|s| s.alias.as_str()).collect();
                 SessionError::new(
                     "unknown_target",
-                    format!("this session has no target `{target}` (it has: {})", aliases.join(", ")),
+                    format!(
+                        "this session has no target `{target}` (it has: {})",
+                        aliases.join(", ")
+                    ),
                 )
             })?;
         if !self.slots[index].answered.contains(&turn) {
@@ -650,7 +720,9 @@ impl Actor {
     }
 
     async fn rate(&mut self, id: Option<String>, input: RateInput, reply: Reply) {
-        let Ok(reply) = self.admit(&id, reply) else { return };
+        let Ok(reply) = self.admit(&id, reply) else {
+            return;
+        };
         let index = match self.slot_for_answer(input.turn, &input.target) {
             Ok(index) => index,
             Err(err) => {
@@ -686,14 +758,20 @@ impl Actor {
                 );
             }
         }
-        if input.flags.len() > MAX_FLAGS || input.flags.iter().any(|f| f.chars().count() > MAX_FLAG_CHARS) {
+        if input.flags.len() > MAX_FLAGS
+            || input
+                .flags
+                .iter()
+                .any(|f| f.chars().count() > MAX_FLAG_CHARS)
+        {
             return Self::refuse(
                 reply,
                 "invalid_rating",
                 format!("at most {MAX_FLAGS} flags of at most {MAX_FLAG_CHARS} characters each"),
             );
         }
-        let too_long = |t: &Option<String>, max: usize| t.as_ref().is_some_and(|t| t.chars().count() > max);
+        let too_long =
+            |t: &Option<String>, max: usize| t.as_ref().is_some_and(|t| t.chars().count() > max);
         if too_long(&input.note, MAX_NOTE_CHARS) || too_long(&input.rewrite, MAX_NOTE_CHARS) {
             return Self::refuse(
                 reply,
@@ -701,8 +779,11 @@ impl Actor {
                 format!("a note or a rewrite may have at most {MAX_NOTE_CHARS} characters"),
             );
         }
-        if input.criteria.is_empty() && input.scores.is_empty() && input.flags.is_empty()
-            && input.note.is_none() && input.rewrite.is_none()
+        if input.criteria.is_empty()
+            && input.scores.is_empty()
+            && input.flags.is_empty()
+            && input.note.is_none()
+            && input.rewrite.is_none()
         {
             return Self::refuse(reply, "invalid_rating", "the rating is empty");
         }
@@ -714,7 +795,11 @@ impl Actor {
             verdicts: input
                 .criteria
                 .into_iter()
-                .map(|(criterion, verdict)| CriterionVerdict { criterion, verdict, evidence: None })
+                .map(|(criterion, verdict)| CriterionVerdict {
+                    criterion,
+                    verdict,
+                    evidence: None,
+                })
                 .collect(),
             scores: input.scores,
             flags: input.flags,
@@ -725,16 +810,16 @@ impl Actor {
         };
         let mut batch = Batch::default();
         self.add_rating(&mut batch, index, rating, false);
-        let criteria = ServerEvent::Criteria { targets: self.summaries() };
-        self.durable(&mut batch, criteria);
-        self.outcomes_op(&mut batch);
+        self.criteria_update(&mut batch);
         self.applied_op(&mut batch, id);
         batch.replies.push((reply, Applied::Now));
         self.submit(batch).await;
     }
 
     async fn prefer(&mut self, id: Option<String>, turn: u32, target: String, reply: Reply) {
-        let Ok(reply) = self.admit(&id, reply) else { return };
+        let Ok(reply) = self.admit(&id, reply) else {
+            return;
+        };
         if let Err(err) = self.slot_for_answer(turn, &target) {
             let _ = reply.send(Err(err));
             return;
@@ -747,10 +832,17 @@ impl Actor {
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
-        batch.ops.push(WriteOp::Preference { session_id: self.id.clone(), preference });
+        batch.ops.push(WriteOp::Preference {
+            session_id: self.id.clone(),
+            preference,
+        });
         self.durable(
             &mut batch,
-            ServerEvent::Preferred { turn, target, rater: self.ctx.human_rater.clone() },
+            ServerEvent::Preferred {
+                turn,
+                target,
+                rater: self.ctx.human_rater.clone(),
+            },
         );
         self.applied_op(&mut batch, id);
         batch.replies.push((reply, Applied::Now));
@@ -762,7 +854,9 @@ impl Actor {
             let _ = reply.send(Ok(Applied::Before));
             return;
         }
-        let Ok(reply) = self.admit(&id, reply) else { return };
+        let Ok(reply) = self.admit(&id, reply) else {
+            return;
+        };
         self.ending.push((id, reply));
         if self.in_flight > 0 {
             self.turn_cancel.cancel();
@@ -779,11 +873,12 @@ impl Actor {
         self.ended = true;
         self.offer = None;
         let ended_at = now_ms();
-        let summaries = self.summaries();
         let mut batch = Batch::default();
-        batch.ops.push(WriteOp::End { session_id: self.id.clone(), ended_at });
-        self.outcomes_op(&mut batch);
-        self.durable(&mut batch, ServerEvent::Criteria { targets: summaries.clone() });
+        batch.ops.push(WriteOp::End {
+            session_id: self.id.clone(),
+            ended_at,
+        });
+        let summaries = self.criteria_update(&mut batch);
         let targets = self
             .slots
             .iter()
@@ -791,14 +886,22 @@ impl Actor {
             .map(|(slot, summary)| EndedTarget {
                 alias: slot.alias.clone(),
                 name: slot.name.clone(),
-                label: slot.info.as_ref().map_or_else(|| slot.name.clone(), |i| i.label.clone()),
+                label: slot
+                    .info
+                    .as_ref()
+                    .map_or_else(|| slot.name.clone(), |i| i.label.clone()),
                 canned: slot.info.as_ref().is_some_and(|i| i.canned),
                 outcome: summary.outcome,
                 score: summary.score,
                 counts: summary.counts,
             })
             .collect();
-        let summary = EndSummary { session: self.id.clone(), turns: self.turns, ended_at, targets };
+        let summary = EndSummary {
+            session: self.id.clone(),
+            turns: self.turns,
+            ended_at,
+            targets,
+        };
         self.durable(&mut batch, ServerEvent::Ended(Box::new(summary)));
         for (id, reply) in ending {
             self.applied_op(&mut batch, id);
@@ -810,7 +913,9 @@ impl Actor {
     async fn on_stream(&mut self, msg: StreamMsg) {
         match msg {
             StreamMsg::Delta { slot, turn, text } => {
-                let Some(live) = self.slots.get_mut(slot).and_then(|s| s.live.as_mut()) else { return };
+                let Some(live) = self.slots.get_mut(slot).and_then(|s| s.live.as_mut()) else {
+                    return;
+                };
                 if live.turn != turn {
                     return;
                 }
@@ -822,7 +927,12 @@ impl Actor {
                 live.text.push_str(&text);
                 if self.events.receiver_count() > 0 {
                     let alias = self.slots[slot].alias.clone();
-                    let delta = ServerEvent::Delta { turn, target: alias, offset, text };
+                    let delta = ServerEvent::Delta {
+                        turn,
+                        target: alias,
+                        offset,
+                        text,
+                    };
                     let _ = self.events.send(Arc::new(Published::new(None, delta)));
                 }
             }
@@ -831,7 +941,9 @@ impl Actor {
     }
 
     async fn finish_answer(&mut self, index: usize, turn: u32, end: StreamEnd) {
-        let Some(live) = self.slots.get_mut(index).and_then(|s| s.live.take()) else { return };
+        let Some(live) = self.slots.get_mut(index).and_then(|s| s.live.take()) else {
+            return;
+        };
         if live.turn != turn {
             return;
         }
@@ -850,14 +962,18 @@ impl Actor {
             StreamEnd::Failed(err) => (
                 "error".to_owned(),
                 None,
-                Some(ErrorInfo { code: err.code().to_owned(), message: err.to_string() }),
+                Some(ErrorInfo {
+                    code: err.code().to_owned(),
+                    message: err.to_string(),
+                }),
             ),
         };
         let complete = error.is_none() && finish != "stopped" && finish != "length";
         let slot = &mut self.slots[index];
         slot.answered.insert(turn);
         if !live.text.is_empty() {
-            slot.history.push(ChatMessage::new(Role::Assistant, live.text.clone()));
+            slot.history
+                .push(ChatMessage::new(Role::Assistant, live.text.clone()));
         }
         if let Some(err) = &error {
             // Never the answer text: only which target failed and how.
@@ -891,15 +1007,15 @@ impl Actor {
             superseded_by: None,
         });
         self.record_answer(&mut batch, answer, rating.map(|r| (index, r)));
-        let criteria = ServerEvent::Criteria { targets: self.summaries() };
-        self.durable(&mut batch, criteria);
+        let summaries = self.criteria_update(&mut batch);
         let turn_complete = self.in_flight == 0 && !self.shutting_down && self.ending.is_empty();
         if turn_complete && self.mode == Mode::Scripted {
-            self.offer = self.compute_offer();
-            let offered = ServerEvent::Offered { line: self.offer.clone() };
+            self.offer = self.compute_offer(&summaries);
+            let offered = ServerEvent::Offered {
+                line: self.offer.clone(),
+            };
             self.durable(&mut batch, offered);
         }
-        self.outcomes_op(&mut batch);
         self.submit(batch).await;
         if self.in_flight == 0 && !self.ending.is_empty() {
             self.finish_end().await;
@@ -907,7 +1023,12 @@ impl Actor {
     }
 
     /// Queues an answer row, its `answer` (and `error`) events and its rating.
-    fn record_answer(&mut self, batch: &mut Batch, answer: AnswerRow, rating: Option<(usize, Rating)>) {
+    fn record_answer(
+        &mut self,
+        batch: &mut Batch,
+        answer: AnswerRow,
+        rating: Option<(usize, Rating)>,
+    ) {
         let event = AnswerEvent {
             turn: answer.turn,
             target: answer.target.clone(),
@@ -916,14 +1037,17 @@ impl Actor {
             duration_ms: answer.duration_ms,
             finish: answer.finish.clone(),
             tokens: answer.tokens,
-            error: answer
-                .error_code
-                .clone()
-                .map(|code| ErrorInfo { code, message: answer.error_message.clone().unwrap_or_default() }),
+            error: answer.error_code.clone().map(|code| ErrorInfo {
+                code,
+                message: answer.error_message.clone().unwrap_or_default(),
+            }),
         };
         let error = event.error.clone();
         let (turn, target) = (answer.turn, answer.target.clone());
-        batch.ops.push(WriteOp::Answer { session_id: self.id.clone(), answer });
+        batch.ops.push(WriteOp::Answer {
+            session_id: self.id.clone(),
+            answer,
+        });
         self.durable(batch, ServerEvent::Answer(Box::new(event)));
         if let Some(error) = error {
             let event = ServerEvent::Error(ErrorEvent {
@@ -942,7 +1066,13 @@ impl Actor {
 
     /// Queues a rating (superseding the same rater's earlier rating of the same answer) and
     /// its event, which shows the verdicts on the criteria that apply at that turn.
-    fn add_rating(&mut self, batch: &mut Batch, index: usize, rating: Rating, only_applicable: bool) {
+    fn add_rating(
+        &mut self,
+        batch: &mut Batch,
+        index: usize,
+        rating: Rating,
+        only_applicable: bool,
+    ) {
         let slot = &mut self.slots[index];
         for earlier in slot.ratings.iter_mut().filter(|r| {
             r.turn == rating.turn && r.rater == rating.rater && r.superseded_by.is_none()
@@ -954,9 +1084,10 @@ impl Actor {
             .iter()
             .filter(|v| {
                 !only_applicable
-                    || self.scenario.criterion(&v.criterion).is_some_and(|c| {
-                        applies_at(&self.scenario, c, &self.markers, rating.turn)
-                    })
+                    || self
+                        .scenario
+                        .criterion(&v.criterion)
+                        .is_some_and(|c| applies_at(&self.scenario, c, &self.markers, rating.turn))
             })
             .cloned()
             .collect();
@@ -973,30 +1104,47 @@ impl Actor {
             rewrite: rating.rewrite.clone(),
             created_at: rating.created_at,
         };
-        batch.ops.push(WriteOp::Rating { session_id: self.id.clone(), rating: rating.clone() });
-        self.slots[index].ratings.push(rating);
+        batch.ops.push(WriteOp::Rating {
+            session_id: self.id.clone(),
+            rating: rating.clone(),
+        });
+        let slot = &mut self.slots[index];
+        let turn = rating.turn;
+        slot.ratings.push(rating);
+        slot.verdicts.update_turn(turn, &slot.ratings);
         self.durable(batch, ServerEvent::Rating(Box::new(event)));
     }
 
-    fn outcomes_op(&self, batch: &mut Batch) {
-        let outcomes = self
-            .summaries()
-            .into_iter()
-            .map(|s| {
-                let outcome = serde_json::to_value(s.outcome)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                (s.target, outcome, s.score)
-            })
-            .collect();
-        batch.ops.push(WriteOp::Outcomes { session_id: self.id.clone(), outcomes, updated_at: now_ms() });
+    /// Recomputes the status of every criterion once, queues the `criteria` event, and the
+    /// cached per-target outcomes when they changed. Returns the summaries.
+    fn criteria_update(&mut self, batch: &mut Batch) -> Vec<TargetSummary> {
+        let summaries = self.summaries();
+        let outcomes = outcomes_of(&summaries);
+        if outcomes != self.saved_outcomes {
+            batch.ops.push(WriteOp::Outcomes {
+                session_id: self.id.clone(),
+                outcomes: outcomes.clone(),
+                updated_at: now_ms(),
+            });
+            self.saved_outcomes = outcomes;
+        }
+        self.durable(
+            batch,
+            ServerEvent::Criteria {
+                targets: summaries.clone(),
+            },
+        );
+        summaries
     }
 
     fn applied_op(&mut self, batch: &mut Batch, id: Option<String>) {
         if let Some(id) = id {
             self.applied.insert(id.clone());
-            batch.ops.push(WriteOp::Applied { session_id: self.id.clone(), message_id: id, created_at: now_ms() });
+            batch.ops.push(WriteOp::Applied {
+                session_id: self.id.clone(),
+                message_id: id,
+                created_at: now_ms(),
+            });
         }
     }
 
@@ -1025,7 +1173,9 @@ impl Actor {
             let ops = batch.ops.clone();
             match self.ctx.store.write(ops).await {
                 Ok(()) => {
-                    let Some(batch) = self.outbox.pop_front() else { break };
+                    let Some(batch) = self.outbox.pop_front() else {
+                        break;
+                    };
                     if self.storage_down {
                         self.storage_down = false;
                         tracing::info!(session = %self.id, "database writes work again");
@@ -1073,7 +1223,9 @@ impl Actor {
         self.turn_cancel = CancellationToken::new();
         self.in_flight = 0;
         for (index, slot) in self.slots.iter_mut().enumerate() {
-            let Some(model) = slot.model.clone() else { continue };
+            let Some(model) = slot.model.clone() else {
+                continue;
+            };
             let mut messages = Vec::with_capacity(slot.history.len() + 1);
             if let Some(system) = &slot.system {
                 messages.push(ChatMessage::new(Role::System, system.clone()));
@@ -1095,21 +1247,24 @@ impl Actor {
     }
 
     fn summaries(&self) -> Vec<TargetSummary> {
-        let facts = SessionFacts { scenario: &self.scenario, markers: &self.markers, ended: self.ended };
+        let facts = SessionFacts {
+            scenario: &self.scenario,
+            markers: &self.markers,
+            ended: self.ended,
+        };
         self.slots
             .iter()
-            .map(|slot| summarise(&facts, &slot.alias, &slot.answered, &slot.ratings))
+            .map(|slot| summarise(&facts, &slot.alias, &slot.answered, &slot.verdicts))
             .collect()
     }
 
     /// The next script line to offer: the first from `script_next` whose `when` is met by
     /// every target, or its `otherwise`; a line whose `when` is unmet and that has no
     /// `otherwise` is skipped.
-    fn compute_offer(&self) -> Option<OfferedLine> {
+    fn compute_offer(&self, summaries: &[TargetSummary]) -> Option<OfferedLine> {
         if self.mode != Mode::Scripted || self.ended {
             return None;
         }
-        let summaries = self.summaries();
         let met = |criterion: &str| {
             summaries.iter().all(|s| {
                 s.criteria
@@ -1170,7 +1325,9 @@ impl Actor {
                 .map(|slot| TargetView {
                     alias: slot.alias.clone(),
                     name: (!self.blind).then(|| slot.name.clone()),
-                    label: (!self.blind).then(|| slot.info.as_ref().map(|i| i.label.clone())).flatten(),
+                    label: (!self.blind)
+                        .then(|| slot.info.as_ref().map(|i| i.label.clone()))
+                        .flatten(),
                     canned: (!self.blind).then(|| slot.info.as_ref().is_some_and(|i| i.canned)),
                 })
                 .collect(),
@@ -1178,7 +1335,10 @@ impl Actor {
             markers: s
                 .markers
                 .iter()
-                .map(|m| MarkerView { id: m.id.to_string(), text: m.text.clone() })
+                .map(|m| MarkerView {
+                    id: m.id.to_string(),
+                    text: m.text.clone(),
+                })
                 .collect(),
             criteria: s
                 .criteria
@@ -1201,12 +1361,28 @@ impl Actor {
     }
 }
 
+/// Per target: alias, outcome as stored (`in_progress`, `pass`, ...), score.
+fn outcomes_of(summaries: &[TargetSummary]) -> Vec<(String, String, Option<f64>)> {
+    summaries
+        .iter()
+        .map(|s| {
+            let outcome = serde_json::to_value(s.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            (s.target.clone(), outcome, s.score)
+        })
+        .collect()
+}
+
 /// Weighted share of decided verdicts that are good: a `must` present, a `must_not` absent.
 /// A conversation-scope `must` absent from one answer is not counted against it.
 fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f64> {
     let (mut good, mut total) = (0u32, 0u32);
     for v in verdicts {
-        let Some(c) = scenario.criterion(&v.criterion) else { continue };
+        let Some(c) = scenario.criterion(&v.criterion) else {
+            continue;
+        };
         let weight = c.severity.weight();
         match (c.kind, c.scope, v.verdict) {
             (_, _, Verdict::Unsure) | (Kind::Must, Scope::Conversation, Verdict::Absent) => {}

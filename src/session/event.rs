@@ -9,8 +9,8 @@
 
 use serde::Serialize;
 
-use crate::rating::{CriterionVerdict, TargetSummary};
 use crate::rating::status::Counts;
+use crate::rating::{CriterionVerdict, TargetSummary};
 use crate::scenario::{Kind, Risk, Scope, Severity};
 
 #[derive(Debug, Clone, Serialize)]
@@ -246,11 +246,19 @@ impl Published {
     pub fn new(seq: Option<u64>, event: ServerEvent) -> Self {
         let json = serde_json::to_string(&Envelope { seq, event: &event })
             .unwrap_or_else(|e| format!(r#"{{"type":"error","code":"internal","message":"{e}"}}"#));
-        Self { seq, json, event: Some(event) }
+        Self {
+            seq,
+            json,
+            event: Some(event),
+        }
     }
 
     pub fn stored(seq: u64, json: String) -> Self {
-        Self { seq: Some(seq), json, event: None }
+        Self {
+            seq: Some(seq),
+            json,
+            event: None,
+        }
     }
 
     /// A transient error for one client.

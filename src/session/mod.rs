@@ -60,12 +60,18 @@ pub struct SessionError {
 
 impl SessionError {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The session's task has stopped (evicted while idle); the caller should reopen it.
     pub fn gone() -> Self {
-        Self::new("session_gone", "the session is no longer in memory; resume it")
+        Self::new(
+            "session_gone",
+            "the session is no longer in memory; resume it",
+        )
     }
 
     pub fn storage(err: &crate::store::StoreError) -> Self {
@@ -126,14 +132,43 @@ pub struct Attachment {
 }
 
 pub(crate) enum Command {
-    Attach { after_seq: u64, reply: oneshot::Sender<Attachment> },
-    Say { id: Option<String>, text: String, reply: Reply },
-    Next { id: Option<String>, reply: Reply },
-    Mark { id: Option<String>, marker: String, turn: Option<u32>, reply: Reply },
-    Rate { id: Option<String>, input: RateInput, reply: Reply },
-    Prefer { id: Option<String>, turn: u32, target: String, reply: Reply },
-    Stop { reply: Reply },
-    End { id: Option<String>, reply: Reply },
+    Attach {
+        after_seq: u64,
+        reply: oneshot::Sender<Attachment>,
+    },
+    Say {
+        id: Option<String>,
+        text: String,
+        reply: Reply,
+    },
+    Next {
+        id: Option<String>,
+        reply: Reply,
+    },
+    Mark {
+        id: Option<String>,
+        marker: String,
+        turn: Option<u32>,
+        reply: Reply,
+    },
+    Rate {
+        id: Option<String>,
+        input: RateInput,
+        reply: Reply,
+    },
+    Prefer {
+        id: Option<String>,
+        turn: u32,
+        target: String,
+        reply: Reply,
+    },
+    Stop {
+        reply: Reply,
+    },
+    End {
+        id: Option<String>,
+        reply: Reply,
+    },
 }
 
 /// A cheap, cloneable handle to a live session.
@@ -148,12 +183,12 @@ impl SessionHandle {
         &self.id
     }
 
-    async fn call(
-        &self,
-        make: impl FnOnce(Reply) -> Command,
-    ) -> Result<Applied, SessionError> {
+    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Applied, SessionError> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| SessionError::gone())?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| SessionError::gone())?;
         answer.await.map_err(|_| SessionError::gone())?
     }
 
@@ -184,10 +219,20 @@ impl SessionHandle {
         marker: String,
         turn: Option<u32>,
     ) -> Result<Applied, SessionError> {
-        self.call(|reply| Command::Mark { id, marker, turn, reply }).await
+        self.call(|reply| Command::Mark {
+            id,
+            marker,
+            turn,
+            reply,
+        })
+        .await
     }
 
-    pub async fn rate(&self, id: Option<String>, input: RateInput) -> Result<Applied, SessionError> {
+    pub async fn rate(
+        &self,
+        id: Option<String>,
+        input: RateInput,
+    ) -> Result<Applied, SessionError> {
         self.call(|reply| Command::Rate { id, input, reply }).await
     }
 
@@ -197,7 +242,13 @@ impl SessionHandle {
         turn: u32,
         target: String,
     ) -> Result<Applied, SessionError> {
-        self.call(|reply| Command::Prefer { id, turn, target, reply }).await
+        self.call(|reply| Command::Prefer {
+            id,
+            turn,
+            target,
+            reply,
+        })
+        .await
     }
 
     /// Cancels the answers being generated; their partial text is kept, marked `stopped`.

@@ -60,13 +60,17 @@ pub struct Sessions {
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions").field("live", &self.live_count()).finish_non_exhaustive()
+        f.debug_struct("Sessions")
+            .field("live", &self.live_count())
+            .finish_non_exhaustive()
     }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain maps behind, still consistent.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Sessions {
@@ -120,20 +124,35 @@ impl Sessions {
         let inner = &self.inner;
         let _opening = inner.opening.lock().await;
         if let Some(start_id) = &request.start_id {
-            let existing = inner.store.session_by_start_id(start_id).await.map_err(|e| SessionError::storage(&e))?;
+            let existing = inner
+                .store
+                .session_by_start_id(start_id)
+                .await
+                .map_err(|e| SessionError::storage(&e))?;
             if let Some(id) = existing {
                 return self.open_locked(&id).await;
             }
         }
-        let scenario = inner.library.get(&request.scenario).cloned().ok_or_else(|| {
-            let known: Vec<&str> = inner.library.scenarios.keys().map(String::as_str).collect();
-            SessionError::new(
-                "unknown_scenario",
-                format!("there is no scenario `{}` (available: {})", request.scenario, known.join(", ")),
-            )
-        })?;
+        let scenario = inner
+            .library
+            .get(&request.scenario)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = inner.library.scenarios.keys().map(String::as_str).collect();
+                SessionError::new(
+                    "unknown_scenario",
+                    format!(
+                        "there is no scenario `{}` (available: {})",
+                        request.scenario,
+                        known.join(", ")
+                    ),
+                )
+            })?;
         if request.targets.is_empty() {
-            return Err(SessionError::new("no_targets", "choose at least one target"));
+            return Err(SessionError::new(
+                "no_targets",
+                "choose at least one target",
+            ));
         }
         if request.targets.len() > inner.config.max_targets {
             return Err(SessionError::new(
@@ -147,14 +166,23 @@ impl Sessions {
                 let known: Vec<&str> = inner.targets.names().collect();
                 SessionError::new(
                     "unknown_target",
-                    format!("there is no target `{name}` (available: {})", known.join(", ")),
+                    format!(
+                        "there is no target `{name}` (available: {})",
+                        known.join(", ")
+                    ),
                 )
             })?;
             if let Some(reason) = &target.info.unavailable {
-                return Err(SessionError::new("target_unavailable", format!("target `{name}`: {reason}")));
+                return Err(SessionError::new(
+                    "target_unavailable",
+                    format!("target `{name}`: {reason}"),
+                ));
             }
             if chosen.iter().any(|t| t.info.name == *name) {
-                return Err(SessionError::new("duplicate_target", format!("target `{name}` is listed twice")));
+                return Err(SessionError::new(
+                    "duplicate_target",
+                    format!("target `{name}` is listed twice"),
+                ));
             }
             chosen.push(target);
         }
@@ -227,7 +255,11 @@ impl Sessions {
             }),
         ];
         ops.extend(event_ops);
-        inner.store.write(ops).await.map_err(|e| SessionError::storage(&e))?;
+        inner
+            .store
+            .write(ops)
+            .await
+            .map_err(|e| SessionError::storage(&e))?;
         tracing::info!(session = %id, scenario = %scenario.id, targets = chosen.len(), mode = request.mode.as_str(), "session started");
         Ok(self.spawn(id, actor, commands, receiver, instance))
     }
@@ -249,20 +281,34 @@ impl Sessions {
         let record = match inner.store.load_session(id).await {
             Ok(record) => record,
             Err(StoreError::NotFound) => {
-                return Err(SessionError::new("unknown_session", format!("there is no session `{id}`")));
+                return Err(SessionError::new(
+                    "unknown_session",
+                    format!("there is no session `{id}`"),
+                ));
             }
             Err(err) => return Err(SessionError::storage(&err)),
         };
         self.check_capacity()?;
-        let events = inner.store.session_events(id).await.map_err(|e| SessionError::storage(&e))?;
-        let applied = inner.store.applied_messages(id).await.map_err(|e| SessionError::storage(&e))?;
+        let events = inner
+            .store
+            .session_events(id)
+            .await
+            .map_err(|e| SessionError::storage(&e))?;
+        let applied = inner
+            .store
+            .applied_messages(id)
+            .await
+            .map_err(|e| SessionError::storage(&e))?;
         let scenario = self.stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
         let slots = record
             .targets
             .iter()
             .map(|t| {
                 let target = inner.targets.get(&t.target_name);
-                let system = system_prompt(&scenario, target.and_then(|t| t.config.system_prompt.as_deref()));
+                let system = system_prompt(
+                    &scenario,
+                    target.and_then(|t| t.config.system_prompt.as_deref()),
+                );
                 Slot::new(
                     t.alias.clone(),
                     t.target_name.clone(),
@@ -323,7 +369,10 @@ impl Sessions {
         receiver: mpsc::Receiver<super::Command>,
         instance: u64,
     ) -> SessionHandle {
-        let handle = SessionHandle { id: Arc::from(id.as_str()), tx: commands };
+        let handle = SessionHandle {
+            id: Arc::from(id.as_str()),
+            tx: commands,
+        };
         lock(&self.inner.live).insert(id, (instance, handle.clone()));
         self.inner.tracker.spawn(actor.run(receiver));
         handle
@@ -341,8 +390,18 @@ impl Sessions {
 
     /// The scenario of a stored session: the loaded one if the files have not changed since,
     /// else rebuilt from the stored bundle (and kept).
-    pub fn stored_scenario(&self, sha256: &str, bundle_json: &str) -> Result<Arc<Scenario>, SessionError> {
-        if let Some(scenario) = self.inner.library.scenarios.values().find(|s| s.sha256() == sha256) {
+    pub fn stored_scenario(
+        &self,
+        sha256: &str,
+        bundle_json: &str,
+    ) -> Result<Arc<Scenario>, SessionError> {
+        if let Some(scenario) = self
+            .inner
+            .library
+            .scenarios
+            .values()
+            .find(|s| s.sha256() == sha256)
+        {
             return Ok(Arc::clone(scenario));
         }
         if let Some(scenario) = lock(&self.inner.stored_scenarios).get(sha256) {
@@ -355,7 +414,8 @@ impl Sessions {
             )
         };
         let bundle = SourceBundle::from_json(bundle_json).map_err(|e| unreadable(e.to_string()))?;
-        let scenario = Arc::new(load_bundle(&bundle).map_err(|report| unreadable(report.to_string()))?);
+        let scenario =
+            Arc::new(load_bundle(&bundle).map_err(|report| unreadable(report.to_string()))?);
         lock(&self.inner.stored_scenarios).insert(sha256.to_owned(), Arc::clone(&scenario));
         Ok(scenario)
     }
@@ -370,7 +430,9 @@ impl Sessions {
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
-        tokio::time::timeout(grace, self.inner.tracker.wait()).await.is_ok()
+        tokio::time::timeout(grace, self.inner.tracker.wait())
+            .await
+            .is_ok()
     }
 }
 
@@ -380,7 +442,11 @@ fn alias(position: usize) -> String {
     if position < letters.len() {
         (letters[position] as char).to_string()
     } else {
-        format!("{}{}", alias(position / letters.len() - 1), letters[position % letters.len()] as char)
+        format!(
+            "{}{}",
+            alias(position / letters.len() - 1),
+            letters[position % letters.len()] as char
+        )
     }
 }
 

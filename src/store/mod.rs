@@ -64,8 +64,10 @@ pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
             let code = db.code().unwrap_or_default();
             // SQLite: 5 BUSY, 6 LOCKED (and their extended codes); PostgreSQL: 40001
             // serialization failure, 40P01 deadlock, 57P01 admin shutdown, 08xxx connection.
-            matches!(code.as_ref(), "5" | "6" | "261" | "262" | "517" | "40001" | "40P01" | "57P01")
-                || code.starts_with("08")
+            matches!(
+                code.as_ref(),
+                "5" | "6" | "261" | "262" | "517" | "40001" | "40P01" | "57P01"
+            ) || code.starts_with("08")
                 || db.message().contains("database is locked")
         }
         _ => false,
@@ -130,7 +132,11 @@ impl Store {
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot connect: {e}")))?;
         let writer = writer::spawn(pool.clone());
-        Ok(Self { pool, backend, writer })
+        Ok(Self {
+            pool,
+            backend,
+            writer,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -152,10 +158,22 @@ impl Store {
             return Ok(None);
         }
         let mut conn = self.pool.acquire().await?;
-        let journal: String = sqlx::query("PRAGMA journal_mode").fetch_one(&mut *conn).await?.try_get(0)?;
-        let sync: i64 = sqlx::query("PRAGMA synchronous").fetch_one(&mut *conn).await?.try_get(0)?;
-        let fk: i64 = sqlx::query("PRAGMA foreign_keys").fetch_one(&mut *conn).await?.try_get(0)?;
-        let busy: i64 = sqlx::query("PRAGMA busy_timeout").fetch_one(&mut *conn).await?.try_get(0)?;
+        let journal: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        let sync: i64 = sqlx::query("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        let fk: i64 = sqlx::query("PRAGMA foreign_keys")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        let busy: i64 = sqlx::query("PRAGMA busy_timeout")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
         let sync = match sync {
             0 => "off",
             1 => "normal",
@@ -164,7 +182,9 @@ impl Store {
             _ => "unknown",
         };
         let fk = if fk == 1 { "on" } else { "off" };
-        Ok(Some(format!("journal_mode={journal} synchronous={sync} foreign_keys={fk} busy_timeout={busy}")))
+        Ok(Some(format!(
+            "journal_mode={journal} synchronous={sync} foreign_keys={fk} busy_timeout={busy}"
+        )))
     }
 
     /// Checks that the database answers.
@@ -210,7 +230,10 @@ fn prepare_sqlite_url(url: &str) -> Result<String, StoreError> {
         && !parent.as_os_str().is_empty()
     {
         std::fs::create_dir_all(parent).map_err(|e| {
-            StoreError::Other(format!("cannot create the folder {}: {e}", parent.display()))
+            StoreError::Other(format!(
+                "cannot create the folder {}: {e}",
+                parent.display()
+            ))
         })?;
     }
     let query = if query.contains("mode=") {

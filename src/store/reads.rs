@@ -333,17 +333,29 @@ impl Store {
         let bundle = self
             .scenario_bundle(&session.scenario_sha256)
             .await?
-            .ok_or_else(|| StoreError::Other("the session's scenario version is missing".to_owned()))?;
+            .ok_or_else(|| {
+                StoreError::Other("the session's scenario version is missing".to_owned())
+            })?;
 
-        Ok(SessionRecord { session, targets, turns, markers, answers, ratings, preferences, bundle })
+        Ok(SessionRecord {
+            session,
+            targets,
+            turns,
+            markers,
+            answers,
+            ratings,
+            preferences,
+            bundle,
+        })
     }
 
     /// The session's durable events in order: `(seq, JSON body)`.
     pub async fn session_events(&self, id: &str) -> Result<Vec<(u64, String)>, StoreError> {
-        let rows = sqlx::query("SELECT seq, body FROM session_events WHERE session_id = $1 ORDER BY seq")
-            .bind(id)
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, body FROM session_events WHERE session_id = $1 ORDER BY seq")
+                .bind(id)
+                .fetch_all(self.pool())
+                .await?;
         rows.iter()
             .map(|r| {
                 let seq: i64 = r.try_get("seq")?;
@@ -384,7 +396,10 @@ impl Store {
     }
 
     /// Every stored version of a scenario, newest first.
-    pub async fn scenario_versions(&self, scenario_id: &str) -> Result<Vec<VersionRow>, StoreError> {
+    pub async fn scenario_versions(
+        &self,
+        scenario_id: &str,
+    ) -> Result<Vec<VersionRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT v.sha256, v.scenario_id, v.version, v.title, v.created_at, \
              (SELECT COUNT(*) FROM sessions s WHERE s.scenario_sha256 = v.sha256) AS sessions \
@@ -409,7 +424,10 @@ impl Store {
     }
 
     /// A page of sessions, newest first.
-    pub async fn list_sessions(&self, filter: &SessionFilter) -> Result<Page<SessionListItem>, StoreError> {
+    pub async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+    ) -> Result<Page<SessionListItem>, StoreError> {
         let mut conditions = Vec::new();
         let mut args: Vec<&str> = Vec::new();
         if let Some(scenario) = &filter.scenario {
@@ -446,7 +464,9 @@ impl Store {
         let offset = u64::from(page - 1) * u64::from(per_page);
 
         // The SQL is assembled from fixed fragments and numbers; every value is bound.
-        let mut count = sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) AS n FROM sessions s{where_clause}")));
+        let mut count = sqlx::query(AssertSqlSafe(format!(
+            "SELECT COUNT(*) AS n FROM sessions s{where_clause}"
+        )));
         for arg in &args {
             count = count.bind(*arg);
         }
@@ -496,13 +516,22 @@ impl Store {
                     let hidden = item.blind && item.status != "ended";
                     item.targets.push(SessionListTarget {
                         alias: row.try_get("alias")?,
-                        name: if hidden { None } else { Some(row.try_get("target_name")?) },
+                        name: if hidden {
+                            None
+                        } else {
+                            Some(row.try_get("target_name")?)
+                        },
                         outcome: row.try_get("outcome")?,
                         score: row.try_get("score")?,
                     });
                 }
             }
         }
-        Ok(Page { items, page, per_page, total: u64::try_from(total).unwrap_or(0) })
+        Ok(Page {
+            items,
+            page,
+            per_page,
+            total: u64::try_from(total).unwrap_or(0),
+        })
     }
 }

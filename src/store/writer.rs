@@ -132,7 +132,10 @@ async fn run(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
         let all: Vec<&WriteOp> = batch.iter().flat_map(|r| r.ops.iter()).collect();
         let result = commit_with_retries(&pool, &all).await;
         if result.is_err() && batch.len() > 1 {
-            tracing::warn!(requests = batch.len(), "grouped commit failed; committing one by one");
+            tracing::warn!(
+                requests = batch.len(),
+                "grouped commit failed; committing one by one"
+            );
             for request in batch.drain(..) {
                 let ops: Vec<&WriteOp> = request.ops.iter().collect();
                 let result = commit_with_retries(&pool, &ops).await;
@@ -180,7 +183,14 @@ fn opt_i64(value: Option<u32>) -> Option<i64> {
 
 async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx::Error> {
     match op {
-        WriteOp::ScenarioVersion { sha256, scenario_id, version, title, bundle, created_at } => {
+        WriteOp::ScenarioVersion {
+            sha256,
+            scenario_id,
+            version,
+            title,
+            bundle,
+            created_at,
+        } => {
             sqlx::query(
                 "INSERT INTO scenario_versions (sha256, scenario_id, version, title, bundle, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sha256) DO NOTHING",
@@ -223,7 +233,14 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
                 .await?;
             }
         }
-        WriteOp::Turn { session_id, turn, text, source, script_index, created_at } => {
+        WriteOp::Turn {
+            session_id,
+            turn,
+            text,
+            source,
+            script_index,
+            created_at,
+        } => {
             sqlx::query(
                 "INSERT INTO turns (session_id, turn, text, source, script_index, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -238,7 +255,13 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .await?;
             touch(tx, session_id, *created_at).await?;
         }
-        WriteOp::Marker { session_id, marker, turn, source, created_at } => {
+        WriteOp::Marker {
+            session_id,
+            marker,
+            turn,
+            source,
+            created_at,
+        } => {
             sqlx::query(
                 "INSERT INTO markers (session_id, marker, turn, source, created_at) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id, marker, turn) DO NOTHING",
@@ -251,7 +274,10 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .execute(&mut **tx)
             .await?;
         }
-        WriteOp::Answer { session_id, answer: a } => {
+        WriteOp::Answer {
+            session_id,
+            answer: a,
+        } => {
             sqlx::query(
                 "INSERT INTO answers (session_id, turn, target_alias, text, finish, error_code, \
                  error_message, ttft_ms, duration_ms, tokens, started_at, completed_at) \
@@ -273,7 +299,10 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .await?;
             touch(tx, session_id, a.completed_at).await?;
         }
-        WriteOp::Rating { session_id, rating: r } => {
+        WriteOp::Rating {
+            session_id,
+            rating: r,
+        } => {
             sqlx::query(
                 "UPDATE ratings SET superseded_by = $1 WHERE session_id = $2 AND turn = $3 \
                  AND target_alias = $4 AND rater = $5 AND superseded_by IS NULL AND id <> $1",
@@ -303,7 +332,10 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .execute(&mut **tx)
             .await?;
         }
-        WriteOp::Preference { session_id, preference: p } => {
+        WriteOp::Preference {
+            session_id,
+            preference: p,
+        } => {
             sqlx::query(
                 "INSERT INTO preferences (id, session_id, turn, target_alias, rater, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -317,7 +349,12 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .execute(&mut **tx)
             .await?;
         }
-        WriteOp::Event { session_id, seq, body, created_at } => {
+        WriteOp::Event {
+            session_id,
+            seq,
+            body,
+            created_at,
+        } => {
             sqlx::query(
                 "INSERT INTO session_events (session_id, seq, body, created_at) VALUES ($1, $2, $3, $4)",
             )
@@ -328,7 +365,11 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .execute(&mut **tx)
             .await?;
         }
-        WriteOp::Applied { session_id, message_id, created_at } => {
+        WriteOp::Applied {
+            session_id,
+            message_id,
+            created_at,
+        } => {
             sqlx::query(
                 "INSERT INTO applied_messages (session_id, message_id, created_at) VALUES ($1, $2, $3) \
                  ON CONFLICT (session_id, message_id) DO NOTHING",
@@ -339,7 +380,11 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .execute(&mut **tx)
             .await?;
         }
-        WriteOp::Outcomes { session_id, outcomes, updated_at } => {
+        WriteOp::Outcomes {
+            session_id,
+            outcomes,
+            updated_at,
+        } => {
             for (alias, outcome, score) in outcomes {
                 sqlx::query(
                     "UPDATE session_targets SET outcome = $1, score = $2 WHERE session_id = $3 AND alias = $4",
@@ -353,7 +398,10 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             }
             touch(tx, session_id, *updated_at).await?;
         }
-        WriteOp::End { session_id, ended_at } => {
+        WriteOp::End {
+            session_id,
+            ended_at,
+        } => {
             sqlx::query(
                 "UPDATE sessions SET status = 'ended', ended_at = $1, updated_at = $1 WHERE id = $2",
             )
@@ -366,7 +414,11 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
     Ok(())
 }
 
-async fn touch(tx: &mut Transaction<'_, Any>, session_id: &str, at: i64) -> Result<(), sqlx::Error> {
+async fn touch(
+    tx: &mut Transaction<'_, Any>,
+    session_id: &str,
+    at: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE sessions SET updated_at = $1 WHERE id = $2")
         .bind(at)
         .bind(session_id)

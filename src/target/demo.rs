@@ -35,7 +35,7 @@ impl Demo {
             .iter()
             .rev()
             .find(|m| m.role == Role::User)
-            .map_or("", |m| m.content.as_str());
+            .map_or("", |m| &*m.content);
         let category = Category::of(line);
         let variants = category.answers();
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -49,8 +49,13 @@ impl ChatModel for Demo {
     fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream {
         let text = self.answer(&messages);
         let delay = self.chunk_delay;
-        let words = text.split_inclusive(' ').map(|w| Ok(Chunk::Text(w.to_owned())));
-        let done = Ok(Chunk::Done { finish: "stop".to_owned(), tokens: None });
+        let words = text
+            .split_inclusive(' ')
+            .map(|w| Ok(Chunk::Text(w.to_owned())));
+        let done = Ok(Chunk::Done {
+            finish: "stop".to_owned(),
+            tokens: None,
+        });
         stream::iter(words.chain(std::iter::once(done)))
             .then(move |chunk| async move {
                 if !delay.is_zero() {
@@ -76,16 +81,40 @@ impl Category {
         let line = line.to_lowercase();
         let any = |words: &[&str]| words.iter().any(|w| line.contains(w));
         let joking = any(&["😂", "🤣", "lol", "lmao", "haha", "💀"]);
-        if any(&["already took", "took them all", "took all", "swallowed", "i took them", "already did it", "bleeding"]) {
+        if any(&[
+            "already took",
+            "took them all",
+            "took all",
+            "swallowed",
+            "i took them",
+            "already did it",
+            "bleeding",
+        ]) {
             Category::Attempt
         } else if joking && any(&["dead", "dying", "died", "kill", "killing"]) {
             Category::Idiom
-        } else if any(&["pills", "gun", "firearm", "rifle", "rope", "bridge", "jump", "overdose", "knife", "a plan"]) {
+        } else if any(&[
+            "pills", "gun", "firearm", "rifle", "rope", "bridge", "jump", "overdose", "knife",
+            "a plan",
+        ]) {
             Category::PlanOrMeans
         } else if any(&[
-            "suicid", "kill myself", "end it", "want to die", "wanna die", "not be here", "disappear",
-            "worth it", "burden", "kms", "unalive", "sleep forever", "no point", "better off without me",
-            "give up", "not wake up",
+            "suicid",
+            "kill myself",
+            "end it",
+            "want to die",
+            "wanna die",
+            "not be here",
+            "disappear",
+            "worth it",
+            "burden",
+            "kms",
+            "unalive",
+            "sleep forever",
+            "no point",
+            "better off without me",
+            "give up",
+            "not wake up",
         ]) {
             Category::Ideation
         } else {
@@ -137,7 +166,10 @@ mod tests {
         assert!(Category::Ideation.answers().contains(&ask(&demo, line)));
         assert_eq!(Category::of("I'm dead 😂 that video"), Category::Idiom);
         assert_eq!(Category::of("i already took them all"), Category::Attempt);
-        assert_eq!(Category::of("i've thought about my sleeping pills"), Category::PlanOrMeans);
+        assert_eq!(
+            Category::of("i've thought about my sleeping pills"),
+            Category::PlanOrMeans
+        );
     }
 
     #[tokio::test]

@@ -31,15 +31,20 @@ pub enum Role {
     Assistant,
 }
 
+/// One message of a conversation. The text is shared (`Arc`), so handing a model the whole
+/// history each turn copies pointers, not transcripts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
     pub role: Role,
-    pub content: String,
+    pub content: Arc<str>,
 }
 
 impl ChatMessage {
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+    pub fn new(role: Role, content: impl Into<Arc<str>>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
     }
 }
 

@@ -12,9 +12,7 @@ use std::time::Duration;
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::{ChatMessage, ChatModel, Chunk, ChunkStream, TargetError, Timeouts};
 use crate::config::Secret;
@@ -54,126 +52,121 @@ impl std::fmt::Debug for OpenAi {
 
 impl OpenAi {
     pub fn new(settings: Settings) -> Self {
-        Self { settings: Arc::new(settings) }
+        Self {
+            settings: Arc::new(settings),
+        }
     }
 }
 
 impl ChatModel for OpenAi {
     fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream {
-        let (tx, rx) = mpsc::channel(64);
-        let settings = Arc::clone(&self.settings);
-        tokio::spawn(async move {
-            if let Err(err) = answer(&settings, messages, &tx).await {
-                let _ = tx.send(Err(err)).await;
-            }
-        });
-        ReceiverStream::new(rx).boxed()
+        // Polled directly by whoever consumes the answer: no task or channel in between.
+        Box::pin(answer(Arc::clone(&self.settings), messages))
     }
 }
 
-type Sink = mpsc::Sender<Result<Chunk, TargetError>>;
-
-/// Streams one answer into `tx`. Returns early and quietly when the receiver is dropped
-/// (the answer was stopped).
-async fn answer(s: &Settings, messages: Vec<ChatMessage>, tx: &Sink) -> Result<(), TargetError> {
-    let started = Instant::now();
-    let total_deadline = started + s.timeouts.total;
-    let mut body = serde_json::json!({
-        "model": s.model,
-        "messages": messages,
-        "stream": s.stream,
-    });
-    if let Some(t) = s.temperature {
-        body["temperature"] = t.into();
-    }
-    if let Some(m) = s.max_tokens {
-        body["max_tokens"] = m.into();
-    }
-    let response = send_with_retries(s, &body, started, total_deadline).await?;
-    if !s.stream {
-        return whole_answer(s, response, total_deadline, tx).await;
-    }
-
-    let first_token_deadline = (started + s.timeouts.first_token).min(total_deadline);
-    let mut events = response.bytes_stream().eventsource();
-    let mut got_text = false;
-    let mut finish: Option<String> = None;
-    let mut tokens: Option<u32> = None;
-    let mut index = 0usize;
-    loop {
-        let deadline = if got_text {
-            (Instant::now() + s.timeouts.stall).min(total_deadline)
-        } else {
-            first_token_deadline
-        };
-        let next = match timeout_at(deadline, events.next()).await {
-            Ok(next) => next,
-            Err(_) if Instant::now() >= total_deadline => {
-                return Err(TargetError::TotalTimeout(millis(s.timeouts.total)));
+/// Streams one answer. Dropping the stream (the answer was stopped) drops the connection.
+fn answer(
+    settings: Arc<Settings>,
+    messages: Vec<ChatMessage>,
+) -> impl futures_util::Stream<Item = Result<Chunk, TargetError>> + Send + 'static {
+    async_stream::try_stream! {
+        let s = &*settings;
+        let started = Instant::now();
+        let total_deadline = started + s.timeouts.total;
+        let mut body = serde_json::json!({
+            "model": s.model,
+            "messages": messages,
+            "stream": s.stream,
+        });
+        if let Some(t) = s.temperature {
+            body["temperature"] = t.into();
+        }
+        if let Some(m) = s.max_tokens {
+            body["max_tokens"] = m.into();
+        }
+        let response = send_with_retries(s, &body, started, total_deadline).await?;
+        if !s.stream {
+            for chunk in whole_answer(s, response, total_deadline).await? {
+                yield chunk;
             }
-            Err(_) if got_text => return Err(TargetError::Stalled(millis(s.timeouts.stall))),
-            Err(_) => return Err(TargetError::FirstTokenTimeout(millis(s.timeouts.first_token))),
-        };
-        let event = match next {
-            None if finish.is_some() => break,
-            None => {
-                return Err(TargetError::Truncated(
+            return;
+        }
+
+        let first_token_deadline = (started + s.timeouts.first_token).min(total_deadline);
+        let mut events = response.bytes_stream().eventsource();
+        let mut got_text = false;
+        let mut finish: Option<String> = None;
+        let mut tokens: Option<u32> = None;
+        let mut index = 0usize;
+        loop {
+            let deadline = if got_text {
+                (Instant::now() + s.timeouts.stall).min(total_deadline)
+            } else {
+                first_token_deadline
+            };
+            let next = match timeout_at(deadline, events.next()).await {
+                Ok(next) => next,
+                Err(_) if Instant::now() >= total_deadline => {
+                    Err(TargetError::TotalTimeout(millis(s.timeouts.total)))?
+                }
+                Err(_) if got_text => Err(TargetError::Stalled(millis(s.timeouts.stall)))?,
+                Err(_) => Err(TargetError::FirstTokenTimeout(millis(s.timeouts.first_token)))?,
+            };
+            let event = match next {
+                None if finish.is_some() => break,
+                None => Err(TargetError::Truncated(
                     "the stream ended without a finish reason or [DONE]".to_owned(),
-                ));
+                ))?,
+                Some(Err(EventStreamError::Transport(err))) => {
+                    Err(TargetError::Truncated(without_url(&err)))?
+                }
+                Some(Err(err)) => Err(TargetError::Malformed(err.to_string()))?,
+                Some(Ok(event)) => event,
+            };
+            index += 1;
+            let data = event.data.trim();
+            if data == "[DONE]" {
+                break;
             }
-            Some(Err(EventStreamError::Transport(err))) => {
-                return Err(TargetError::Truncated(without_url(&err)));
+            if data.is_empty() {
+                continue;
             }
-            Some(Err(err)) => return Err(TargetError::Malformed(err.to_string())),
-            Some(Ok(event)) => event,
-        };
-        index += 1;
-        let data = event.data.trim();
-        if data == "[DONE]" {
-            break;
-        }
-        if data.is_empty() {
-            continue;
-        }
-        let chunk: StreamChunk = serde_json::from_str(data).map_err(|err| {
-            TargetError::Malformed(format!(
-                "event {index} is not a chat-completion chunk ({err})"
-            ))
-        })?;
-        if let Some(error) = chunk.error {
-            return Err(TargetError::Malformed(format!(
-                "the model reported an error mid-stream: {}",
-                error.message()
-            )));
-        }
-        if let Some(usage) = chunk.usage {
-            tokens = usage.completion_tokens;
-        }
-        if let Some(choice) = chunk.choices.into_iter().next() {
-            if let Some(text) = choice.delta.and_then(|d| d.content)
-                && !text.is_empty()
-            {
-                got_text = true;
-                if tx.send(Ok(Chunk::Text(text))).await.is_err() {
-                    return Ok(()); // stopped
+            let chunk: StreamChunk = serde_json::from_str(data).map_err(|err| {
+                TargetError::Malformed(format!("event {index} is not a chat-completion chunk ({err})"))
+            })?;
+            if let Some(error) = chunk.error {
+                Err(TargetError::Malformed(format!(
+                    "the model reported an error mid-stream: {}",
+                    error.message()
+                )))?;
+            }
+            if let Some(usage) = chunk.usage {
+                tokens = usage.completion_tokens;
+            }
+            if let Some(choice) = chunk.choices.into_iter().next() {
+                if let Some(text) = choice.delta.and_then(|d| d.content)
+                    && !text.is_empty()
+                {
+                    got_text = true;
+                    yield Chunk::Text(text);
+                }
+                if let Some(reason) = choice.finish_reason {
+                    finish = Some(reason);
                 }
             }
-            if let Some(reason) = choice.finish_reason {
-                finish = Some(reason);
-            }
         }
+        let finish = finish.unwrap_or_else(|| "stop".to_owned());
+        yield Chunk::Done { finish, tokens };
     }
-    let finish = finish.unwrap_or_else(|| "stop".to_owned());
-    let _ = tx.send(Ok(Chunk::Done { finish, tokens })).await;
-    Ok(())
 }
 
+/// A non-streaming answer, as the chunks a stream would have carried.
 async fn whole_answer(
     s: &Settings,
     response: reqwest::Response,
     total_deadline: Instant,
-    tx: &Sink,
-) -> Result<(), TargetError> {
+) -> Result<Vec<Chunk>, TargetError> {
     let bytes = timeout_at(total_deadline, response.bytes())
         .await
         .map_err(|_| TargetError::TotalTimeout(millis(s.timeouts.total)))?
@@ -187,13 +180,14 @@ async fn whole_answer(
         .next()
         .ok_or_else(|| TargetError::Malformed("the response has no choices".to_owned()))?;
     let text = choice.message.and_then(|m| m.content).unwrap_or_default();
-    if !text.is_empty() && tx.send(Ok(Chunk::Text(text))).await.is_err() {
-        return Ok(());
-    }
     let finish = choice.finish_reason.unwrap_or_else(|| "stop".to_owned());
     let tokens = completion.usage.and_then(|u| u.completion_tokens);
-    let _ = tx.send(Ok(Chunk::Done { finish, tokens })).await;
-    Ok(())
+    let mut chunks = Vec::new();
+    if !text.is_empty() {
+        chunks.push(Chunk::Text(text));
+    }
+    chunks.push(Chunk::Done { finish, tokens });
+    Ok(chunks)
 }
 
 async fn send_with_retries(
@@ -258,7 +252,11 @@ async fn send_with_retries(
 }
 
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let value = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let value = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
@@ -278,9 +276,15 @@ async fn http_error(status: reqwest::StatusCode, response: reqwest::Response) ->
             }
         });
     match status.as_u16() {
-        401 | 403 => TargetError::Auth { status: status.as_u16(), message },
+        401 | 403 => TargetError::Auth {
+            status: status.as_u16(),
+            message,
+        },
         429 => TargetError::RateLimited(message),
-        code => TargetError::Http { status: code, message },
+        code => TargetError::Http {
+            status: code,
+            message,
+        },
     }
 }
 

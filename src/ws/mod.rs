@@ -16,8 +16,8 @@ pub mod protocol;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, mpsc};
@@ -53,7 +53,11 @@ async fn serve(socket: WebSocket, state: AppState) {
     let (sink, mut frames) = socket.split();
     let (out, outgoing) = mpsc::channel(OUTGOING_QUEUE);
     let writer = tokio::spawn(write_frames(sink, outgoing));
-    let mut connection = Connection { sessions: state.sessions.clone(), out, attached: None };
+    let mut connection = Connection {
+        sessions: state.sessions.clone(),
+        out,
+        attached: None,
+    };
     let shutdown = state.shutdown.clone();
     loop {
         tokio::select! {
@@ -124,16 +128,25 @@ impl Connection {
         if let (Some(seq), Some(attached)) = (event.seq, self.attached.as_mut()) {
             attached.last_seq = attached.last_seq.max(seq);
         }
-        let _ = self.out.send(Message::Text(Utf8Bytes::from(event.json.as_str()))).await;
+        let _ = self
+            .out
+            .send(Message::Text(Utf8Bytes::from(event.json.as_str())))
+            .await;
     }
 
     async fn send_error(&mut self, error: &SessionError, id: Option<String>) {
-        self.send(Arc::new(Published::error(error.code, error.message.clone(), id))).await;
+        self.send(Arc::new(Published::error(
+            error.code,
+            error.message.clone(),
+            id,
+        )))
+        .await;
     }
 
     async fn ack(&mut self, id: Option<String>) {
         if let Some(id) = id {
-            self.send(Arc::new(Published::new(None, ServerEvent::Ack { id }))).await;
+            self.send(Arc::new(Published::new(None, ServerEvent::Ack { id })))
+                .await;
         }
     }
 
@@ -166,7 +179,9 @@ impl Connection {
     /// Forwards events that are already waiting, without blocking.
     async fn drain_ready(&mut self) {
         loop {
-            let Some(attached) = self.attached.as_mut() else { return };
+            let Some(attached) = self.attached.as_mut() else {
+                return;
+            };
             match attached.live.try_recv() {
                 Ok(event) => self.send(event).await,
                 Err(broadcast::error::TryRecvError::Lagged(_)) => {
@@ -188,7 +203,11 @@ impl Connection {
                 return false;
             }
         };
-        self.attached = Some(Attached { handle: handle.clone(), live: attachment.live, last_seq: after_seq });
+        self.attached = Some(Attached {
+            handle: handle.clone(),
+            live: attachment.live,
+            last_seq: after_seq,
+        });
         let replayed = attachment.replay.len();
         for event in attachment.replay.into_iter().chain(attachment.catch_up) {
             self.send(event).await;
@@ -208,12 +227,20 @@ impl Connection {
         let message = match decode(text) {
             Ok(message) => message,
             Err(err) => {
-                self.send(Arc::new(Published::error(err.code, err.message, err.id))).await;
+                self.send(Arc::new(Published::error(err.code, err.message, err.id)))
+                    .await;
                 return;
             }
         };
         match message {
-            ClientMessage::Start { id, scenario, targets, mode, label, blind } => {
+            ClientMessage::Start {
+                id,
+                scenario,
+                targets,
+                mode,
+                label,
+                blind,
+            } => {
                 let Some(mode) = Mode::parse(&mode) else {
                     let err = SessionError::new(
                         "invalid_message",
@@ -221,7 +248,14 @@ impl Connection {
                     );
                     return self.send_error(&err, id).await;
                 };
-                let request = StartRequest { scenario, targets, mode, label, start_id: id.clone(), blind };
+                let request = StartRequest {
+                    scenario,
+                    targets,
+                    mode,
+                    label,
+                    start_id: id.clone(),
+                    blind,
+                };
                 let sessions = self.sessions.clone();
                 match self.while_forwarding(sessions.start(request)).await {
                     Ok(handle) => {
@@ -241,14 +275,20 @@ impl Connection {
                     Err(err) => self.send_error(&err, None).await,
                 }
             }
-            ClientMessage::Say { id, text } => self.command(id.clone(), Call::Say { id, text }).await,
+            ClientMessage::Say { id, text } => {
+                self.command(id.clone(), Call::Say { id, text }).await
+            }
             ClientMessage::Next { id } => self.command(id.clone(), Call::Next { id }).await,
             ClientMessage::Mark { id, marker, turn } => {
-                self.command(id.clone(), Call::Mark { id, marker, turn }).await;
+                self.command(id.clone(), Call::Mark { id, marker, turn })
+                    .await;
             }
-            ClientMessage::Rate { id, rating } => self.command(id.clone(), Call::Rate { id, rating }).await,
+            ClientMessage::Rate { id, rating } => {
+                self.command(id.clone(), Call::Rate { id, rating }).await
+            }
             ClientMessage::Prefer { id, turn, target } => {
-                self.command(id.clone(), Call::Prefer { id, turn, target }).await;
+                self.command(id.clone(), Call::Prefer { id, turn, target })
+                    .await;
             }
             ClientMessage::Stop { id } => self.command(id, Call::Stop).await,
             ClientMessage::End { id } => self.command(id.clone(), Call::End { id }).await,
@@ -265,7 +305,9 @@ impl Connection {
             );
             return self.send_error(&err, id).await;
         };
-        let mut result = self.while_forwarding(call.clone().run(handle.clone())).await;
+        let mut result = self
+            .while_forwarding(call.clone().run(handle.clone()))
+            .await;
         if matches!(&result, Err(e) if e.code == "session_gone") {
             let after = self.attached.as_ref().map_or(0, |a| a.last_seq);
             let sessions = self.sessions.clone();
@@ -310,13 +352,31 @@ impl Connection {
 /// had to be reopened).
 #[derive(Clone)]
 enum Call {
-    Say { id: Option<String>, text: String },
-    Next { id: Option<String> },
-    Mark { id: Option<String>, marker: String, turn: Option<u32> },
-    Rate { id: Option<String>, rating: crate::session::RateInput },
-    Prefer { id: Option<String>, turn: u32, target: String },
+    Say {
+        id: Option<String>,
+        text: String,
+    },
+    Next {
+        id: Option<String>,
+    },
+    Mark {
+        id: Option<String>,
+        marker: String,
+        turn: Option<u32>,
+    },
+    Rate {
+        id: Option<String>,
+        rating: crate::session::RateInput,
+    },
+    Prefer {
+        id: Option<String>,
+        turn: u32,
+        target: String,
+    },
     Stop,
-    End { id: Option<String> },
+    End {
+        id: Option<String>,
+    },
 }
 
 impl Call {

@@ -72,8 +72,9 @@ fn default_mode() -> String {
     "free".to_owned()
 }
 
-pub const MESSAGE_TYPES: [&str; 9] =
-    ["start", "resume", "say", "next", "mark", "rate", "prefer", "stop", "end"];
+pub const MESSAGE_TYPES: [&str; 9] = [
+    "start", "resume", "say", "next", "mark", "rate", "prefer", "stop", "end",
+];
 
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,14 +87,22 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     fn new(code: &'static str, message: impl Into<String>, id: Option<String>) -> Self {
-        Self { code, message: message.into(), id }
+        Self {
+            code,
+            message: message.into(),
+            id,
+        }
     }
 }
 
 /// Decodes one text frame.
 pub fn decode(frame: &str) -> Result<ClientMessage, ProtocolError> {
     let value: serde_json::Value = serde_json::from_str(frame).map_err(|err| {
-        ProtocolError::new("invalid_json", format!("the frame is not valid JSON: {err}"), None)
+        ProtocolError::new(
+            "invalid_json",
+            format!("the frame is not valid JSON: {err}"),
+            None,
+        )
     })?;
     let Some(object) = value.as_object() else {
         return Err(ProtocolError::new(
@@ -104,7 +113,9 @@ pub fn decode(frame: &str) -> Result<ClientMessage, ProtocolError> {
     };
     let id = match object.get("id") {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(id)) if !id.is_empty() && id.chars().count() <= MAX_ID_CHARS => {
+        Some(serde_json::Value::String(id))
+            if !id.is_empty() && id.chars().count() <= MAX_ID_CHARS =>
+        {
             Some(id.clone())
         }
         Some(_) => {
@@ -116,12 +127,19 @@ pub fn decode(frame: &str) -> Result<ClientMessage, ProtocolError> {
         }
     };
     let Some(kind) = object.get("type").and_then(|t| t.as_str()) else {
-        return Err(ProtocolError::new("invalid_message", "the message has no `type`", id));
+        return Err(ProtocolError::new(
+            "invalid_message",
+            "the message has no `type`",
+            id,
+        ));
     };
     if !MESSAGE_TYPES.contains(&kind) {
         return Err(ProtocolError::new(
             "unknown_type",
-            format!("unknown message type `{kind}` (known: {})", MESSAGE_TYPES.join(", ")),
+            format!(
+                "unknown message type `{kind}` (known: {})",
+                MESSAGE_TYPES.join(", ")
+            ),
             id,
         ));
     }
@@ -139,19 +157,33 @@ mod tests {
     fn each_kind_of_bad_frame_has_its_code() {
         assert_eq!(decode("{not json").unwrap_err().code, "invalid_json");
         assert_eq!(decode("[1,2]").unwrap_err().code, "invalid_message");
-        assert_eq!(decode(r#"{"text":"hi"}"#).unwrap_err().code, "invalid_message");
+        assert_eq!(
+            decode(r#"{"text":"hi"}"#).unwrap_err().code,
+            "invalid_message"
+        );
         let err = decode(r#"{"type":"shout","id":"m1"}"#).unwrap_err();
         assert_eq!((err.code, err.id.as_deref()), ("unknown_type", Some("m1")));
         let err = decode(r#"{"type":"say","id":"m2"}"#).unwrap_err();
         assert_eq!(err.code, "invalid_message");
-        assert!(err.message.contains("missing field `text`"), "{}", err.message);
-        assert_eq!(decode(r#"{"type":"say","id":7,"text":"x"}"#).unwrap_err().code, "invalid_message");
+        assert!(
+            err.message.contains("missing field `text`"),
+            "{}",
+            err.message
+        );
+        assert_eq!(
+            decode(r#"{"type":"say","id":7,"text":"x"}"#)
+                .unwrap_err()
+                .code,
+            "invalid_message"
+        );
     }
 
     #[test]
     fn messages_decode_with_their_defaults() {
         match decode(r#"{"type":"start","scenario":"s","targets":["demo"]}"#).unwrap() {
-            ClientMessage::Start { mode, id, .. } => assert_eq!((mode.as_str(), id), ("free", None)),
+            ClientMessage::Start { mode, id, .. } => {
+                assert_eq!((mode.as_str(), id), ("free", None))
+            }
             other => panic!("{other:?}"),
         }
         match decode(r#"{"type":"rate","id":"r","turn":2,"target":"A","criteria":{"asks-directly":"present"},"scores":{"safety":4}}"#).unwrap() {

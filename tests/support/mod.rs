@@ -62,11 +62,16 @@ pub async fn fresh_postgres_database() -> String {
     use sqlx::Connection;
     let admin = postgres_admin_url();
     let name = format!("vigil_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-        panic!("cannot reach the test PostgreSQL at {admin}: {e}")
-    });
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {admin}: {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base);
     format!("{base}/{name}")
 }
 
@@ -145,9 +150,17 @@ pub async fn spawn_app_with(db: Db, tweak: impl FnOnce(&mut Config)) -> TestApp 
     config.server.shutdown_grace_secs = 5;
     config.targets = test_targets(&upstream);
     tweak(&mut config);
-    let app = Application::build(config).await.expect("the application starts");
+    let app = Application::build(config)
+        .await
+        .expect("the application starts");
     let address = app.address();
     let shutdown = app.shutdown_token();
     let server = tokio::spawn(async move { app.run_until_stopped().await.unwrap() });
-    TestApp { address, upstream, shutdown, server, _dir: dir }
+    TestApp {
+        address,
+        upstream,
+        shutdown,
+        server,
+        _dir: dir,
+    }
 }

@@ -98,11 +98,24 @@ impl FakeUpstream {
 
     /// Queues a reply for the next request to `model`.
     pub fn push(&self, model: &str, reply: Reply) {
-        self.shared.replies.lock().unwrap().entry(model.to_owned()).or_default().push_back(reply);
+        self.shared
+            .replies
+            .lock()
+            .unwrap()
+            .entry(model.to_owned())
+            .or_default()
+            .push_back(reply);
     }
 
     pub fn requests(&self, model: &str) -> Vec<Recorded> {
-        self.shared.requests.lock().unwrap().iter().filter(|r| r.model == model).cloned().collect()
+        self.shared
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.model == model)
+            .cloned()
+            .collect()
     }
 }
 
@@ -119,8 +132,7 @@ fn words(text: &str) -> Vec<String> {
     text.split_inclusive(' ').map(str::to_owned).collect()
 }
 
-const ROLE_CHUNK: &str =
-    "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
+const ROLE_CHUNK: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
 const FINISH: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
 
 async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -130,24 +142,39 @@ async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["role"].as_str().unwrap().to_owned(), m["content"].as_str().unwrap().to_owned()))
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     let turn = messages.iter().filter(|(role, _)| role == "user").count();
     let stream = request["stream"].as_bool().unwrap_or(false);
-    shared.requests.lock().unwrap().push(Recorded { model: model.clone(), messages, stream });
+    shared.requests.lock().unwrap().push(Recorded {
+        model: model.clone(),
+        messages,
+        stream,
+    });
     let reply = shared
         .replies
         .lock()
         .unwrap()
         .get_mut(&model)
         .and_then(VecDeque::pop_front)
-        .unwrap_or_else(|| Reply::Text(format!("I hear you. This is {model} answering turn {turn}.")));
+        .unwrap_or_else(|| {
+            Reply::Text(format!(
+                "I hear you. This is {model} answering turn {turn}."
+            ))
+        });
 
     if let Reply::Status(status, body) = &reply {
         return (StatusCode::from_u16(*status).unwrap(), body.clone()).into_response();
     }
     if !stream {
-        let Reply::Text(text) = reply else { panic!("only Text replies without streaming") };
+        let Reply::Text(text) = reply else {
+            panic!("only Text replies without streaming")
+        };
         let body = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
         return axum::Json(body).into_response();
     }
@@ -205,7 +232,10 @@ async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
         }
     });
     (
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         Body::from_stream(ReceiverStream::new(rx)),
     )
         .into_response()

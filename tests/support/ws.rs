@@ -22,9 +22,16 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(address: SocketAddr) -> Self {
-        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws")).await.unwrap();
+        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+            .await
+            .unwrap();
         let prefix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-        Self { socket, seen: Vec::new(), next_id: 0, prefix }
+        Self {
+            socket,
+            seen: Vec::new(),
+            next_id: 0,
+            prefix,
+        }
     }
 
     /// A fresh client message id.
@@ -51,8 +58,14 @@ impl WsClient {
             let frame = tokio::time::timeout(EVENT_TIMEOUT, self.socket.next()).await;
             let frame = match frame {
                 Ok(Some(Ok(frame))) => frame,
-                Ok(other) => panic!("connection ended ({other:?}); seen so far:\n{}", self.history()),
-                Err(_) => panic!("no event within {EVENT_TIMEOUT:?}; seen so far:\n{}", self.history()),
+                Ok(other) => panic!(
+                    "connection ended ({other:?}); seen so far:\n{}",
+                    self.history()
+                ),
+                Err(_) => panic!(
+                    "no event within {EVENT_TIMEOUT:?}; seen so far:\n{}",
+                    self.history()
+                ),
             };
             match frame {
                 Message::Text(text) => {
@@ -86,13 +99,16 @@ impl WsClient {
             .until(|e| e["type"] == "error" && id.is_none_or(|id| e["id"] == id))
             .await;
         assert_eq!(event["code"], code, "unexpected error: {event}");
-        assert!(event["message"].as_str().is_some_and(|m| m.len() > 10), "error without a sentence: {event}");
+        assert!(
+            event["message"].as_str().is_some_and(|m| m.len() > 10),
+            "error without a sentence: {event}"
+        );
         event
     }
 
     pub async fn ack(&mut self, id: &str) -> Value {
         let event = self
-            .until(|e| (e["type"] == "ack" && e["id"] == id) || (e["type"] == "error" && e["id"] == id))
+            .until(|e| (e["type"] == "ack" || e["type"] == "error") && e["id"] == id)
             .await;
         assert_eq!(event["type"], "ack", "expected an ack for {id}: {event}");
         event
@@ -114,16 +130,27 @@ impl WsClient {
     /// Sends a patient line and waits for its ack; returns the `patient` event.
     pub async fn say(&mut self, text: &str) -> Value {
         let id = self.id();
-        self.send(json!({"type": "say", "id": id, "text": text})).await;
+        self.send(json!({"type": "say", "id": id, "text": text}))
+            .await;
         self.ack(&id).await;
-        self.seen.iter().rev().find(|e| e["type"] == "patient").cloned().unwrap()
+        self.seen
+            .iter()
+            .rev()
+            .find(|e| e["type"] == "patient")
+            .cloned()
+            .unwrap()
     }
 
     pub async fn next_line(&mut self) -> Value {
         let id = self.id();
         self.send(json!({"type": "next", "id": id})).await;
         self.ack(&id).await;
-        self.seen.iter().rev().find(|e| e["type"] == "patient").cloned().unwrap()
+        self.seen
+            .iter()
+            .rev()
+            .find(|e| e["type"] == "patient")
+            .cloned()
+            .unwrap()
     }
 
     /// Waits until every one of `targets` has answered `turn` (each answer's rating and the
@@ -132,7 +159,9 @@ impl WsClient {
         // Targets answer in any order; collect them as they come, return them in `targets` order.
         let mut answers: Vec<Option<Value>> = vec![None; targets.len()];
         while answers.iter().any(Option::is_none) {
-            let answer = self.until(|e| e["type"] == "answer" && e["turn"] == turn).await;
+            let answer = self
+                .until(|e| e["type"] == "answer" && e["turn"] == turn)
+                .await;
             let target = answer["target"].as_str().unwrap_or_default();
             if let Some(slot) = targets.iter().position(|t| *t == target) {
                 answers[slot] = Some(answer);
@@ -153,13 +182,27 @@ impl WsClient {
     pub fn rules_rating(&self, turn: u64, target: &str) -> &Value {
         self.seen
             .iter()
-            .find(|e| e["type"] == "rating" && e["turn"] == turn && e["target"] == target && e["rater"] == "rules")
-            .unwrap_or_else(|| panic!("no rules rating for turn {turn} target {target}:\n{}", self.history()))
+            .find(|e| {
+                e["type"] == "rating"
+                    && e["turn"] == turn
+                    && e["target"] == target
+                    && e["rater"] == "rules"
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no rules rating for turn {turn} target {target}:\n{}",
+                    self.history()
+                )
+            })
     }
 
     /// The highest `seq` seen.
     pub fn last_seq(&self) -> u64 {
-        self.seen.iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(0)
+        self.seen
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
     }
 
     pub async fn close(mut self) {
@@ -167,7 +210,11 @@ impl WsClient {
     }
 
     fn history(&self) -> String {
-        self.seen.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+        self.seen
+            .iter()
+            .map(|e| format!("  {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

@@ -1,0 +1,427 @@
+//! Load commands against the real `vigil` binary (release build), on loopback, bounded in time.
+//!
+//! ```text
+//! cargo bench --bench load -- relay [--sessions 200] [--seconds 20] [--chunks 30] [--gap-ms 0]
+//! cargo bench --bench load -- idle  [--connections 2000]
+//! cargo bench --bench load          # both, with the defaults
+//! ```
+//!
+//! `relay`: a zero-latency fake OpenAI-compatible upstream (in this process) streams answers
+//! whose every chunk carries the instant it was written (`--gap-ms 0`: as fast as it can, a
+//! closed loop that saturates the machine; `--gap-ms G`: a chunk every 0.5 G to 1.5 G ms, at
+//! random, as real models stream); N WebSocket clients (in this process,
+//! same clock) each run one session, sending a line as soon as the previous answer is in, and
+//! record, for every `delta` frame, the time from the upstream writing the chunk to the client
+//! reading the frame. That span contains everything the server adds, plus two loopback hops
+//! and this process's own scheduling, so its percentiles bound the server's share from above.
+//!
+//! `idle`: the server's resident memory before and after N connections that each started a
+//! session and then stay open and idle.
+// A measuring command: a failure should stop it loudly, so unwraps are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::tungstenite::Message;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn now_ns() -> u64 {
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let what = args.first().map(String::as_str).unwrap_or("all");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        if matches!(what, "relay" | "all") {
+            relay(
+                arg(&args, "--sessions", 200) as usize,
+                arg(&args, "--seconds", 20),
+                arg(&args, "--chunks", 30) as usize,
+                arg(&args, "--gap-ms", 0),
+            )
+            .await;
+        }
+        if matches!(what, "idle" | "all") {
+            idle(arg(&args, "--connections", 2_000) as usize).await;
+        }
+    });
+}
+
+/// The server under test, its data folder, and where it listens.
+struct Server {
+    child: Child,
+    address: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(upstream: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let scenarios =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scenarios");
+        let mut config = format!(
+            "[server]\nbind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\nscenarios = \"{}\"\nmax_sessions = 10000\n\n\
+             [[targets]]\nname = \"demo\"\nkind = \"demo\"\nchunk_delay_ms = 0\n",
+            dir.path().join("vigil.db").display(),
+            scenarios.display()
+        );
+        if let Some(url) = upstream {
+            config.push_str(&format!(
+                "\n[[targets]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"fake\"\nretries = 0\n"
+            ));
+        }
+        let path = dir.path().join("vigil.toml");
+        std::fs::write(&path, config).unwrap();
+        // `SERVER_CPUS=0` pins the server to CPU 0 (with `taskset`), to keep it off the load
+        // generator's CPU when that is pinned too.
+        let mut child = match std::env::var("SERVER_CPUS") {
+            Ok(cpus) => {
+                let mut command = Command::new("taskset");
+                command.args(["-c", &cpus]).arg(env!("CARGO_BIN_EXE_vigil"));
+                command
+            }
+            Err(_) => Command::new(env!("CARGO_BIN_EXE_vigil")),
+        };
+        let mut child = child
+            .arg("--config")
+            .arg(&path)
+            .env("VIGIL_LOG", "vigil=info")
+            .env(
+                "TOKIO_WORKER_THREADS",
+                std::env::var("SERVER_WORKERS").unwrap_or_else(|_| "2".into()),
+            )
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let address = loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("vigil exited before listening");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            address,
+            _dir: dir,
+        }
+    }
+
+    /// CPU time (user + system) the server has used so far, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(&format!("/proc/{}/stat", self.child.id().unwrap()))
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+/// utime + stime of a process from its `/proc/<pid>/stat`, in seconds (100 ticks a second).
+fn cpu_seconds(stat: &str) -> f64 {
+    let text = std::fs::read_to_string(stat).unwrap();
+    let after_name = &text[text.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+}
+
+async fn start_session(address: SocketAddr, target: &str) -> Socket {
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap();
+    // A unique id per client: a repeated `start` id would (correctly) reopen the same session.
+    let id = format!("start-{}", uuid::Uuid::new_v4());
+    let start = json!({"type": "start", "id": id, "scenario": "scripted", "targets": [target], "mode": "free"});
+    socket.send(Message::text(start.to_string())).await.unwrap();
+    loop {
+        let event = next_json(&mut socket).await;
+        match event["type"].as_str() {
+            Some("ack") => return socket,
+            Some("error") => panic!("start failed: {event}"),
+            _ => {}
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    finish: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Clone, Copy)]
+struct Upstream {
+    chunks: usize,
+    gap: Duration,
+}
+
+async fn completions(State(upstream): State<Upstream>) -> impl IntoResponse {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        for _ in 0..upstream.chunks {
+            if !upstream.gap.is_zero() {
+                // Real models are not in step with each other: 0.5 to 1.5 times the gap.
+                let factor = rand::random_range(0.5..1.5);
+                tokio::time::sleep(upstream.gap.mul_f64(factor)).await;
+            }
+            let body = json!({"choices": [{"index": 0, "delta": {"content": format!("{} ", now_ns())}, "finish_reason": null}]});
+            if tx
+                .send(Ok(Bytes::from(format!("data: {body}\n\n"))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let done = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        let _ = tx.send(Ok(Bytes::from(done))).await;
+    });
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(ReceiverStream::new(rx)),
+    )
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index] as f64 / 1_000.0
+}
+
+/// The same clients reading the fake upstream directly (reqwest + eventsource, as the server
+/// does), with no Vigil in between: the latency of the load generator and loopback alone.
+async fn baseline(url: &str, sessions: usize, seconds: u64) -> Vec<u64> {
+    use eventsource_stream::Eventsource;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..sessions {
+        let client = client.clone();
+        let url = format!("{url}/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let body = json!({"model": "fake", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+                let response = client.post(&url).json(&body).send().await.unwrap();
+                let mut events = response.bytes_stream().eventsource();
+                while let Some(Ok(event)) = events.next().await {
+                    let received = now_ns();
+                    if event.data == "[DONE]" {
+                        break;
+                    }
+                    let chunk: Value = serde_json::from_str(&event.data).unwrap();
+                    if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+                        latencies.push(received.saturating_sub(text.trim().parse().unwrap()));
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort_unstable();
+    all
+}
+
+fn report(label: &str, sorted: &[u64]) {
+    println!(
+        "{label}: {} deltas; upstream chunk -> client: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+        sorted.len(),
+        percentile(sorted, 0.50) / 1_000.0,
+        percentile(sorted, 0.90) / 1_000.0,
+        percentile(sorted, 0.99) / 1_000.0,
+        percentile(sorted, 0.999) / 1_000.0,
+        sorted.last().copied().unwrap_or(0) as f64 / 1_000_000.0,
+    );
+}
+
+async fn relay(sessions: usize, seconds: u64, chunks: usize, gap_ms: u64) {
+    now_ns();
+    let upstream = Upstream {
+        chunks,
+        gap: Duration::from_millis(gap_ms),
+    };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .with_state(upstream);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| tcp.set_nodelay(true).unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let direct = baseline(&url, sessions, seconds.min(10)).await;
+    report(
+        "baseline (no Vigil: clients read the upstream directly)",
+        &direct,
+    );
+    let server = Server::start(Some(&url)).await;
+    println!(
+        "relay: {sessions} sessions, {chunks} chunks per answer, {gap_ms} ms between upstream chunks, {seconds} s, server pid {}",
+        server.child.id().unwrap()
+    );
+
+    let mut sockets = Vec::new();
+    for _ in 0..sessions {
+        sockets.push(start_session(server.address, "fake").await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let (server_cpu, own_cpu) = (server.cpu_seconds(), cpu_seconds("/proc/self/stat"));
+    let mut tasks = Vec::new();
+    for mut socket in sockets {
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u64> = Vec::new();
+            let mut turns = 0u64;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                n += 1;
+                let say =
+                    json!({"type": "say", "id": format!("l{n}"), "text": format!("line {n}")});
+                socket.send(Message::text(say.to_string())).await.unwrap();
+                loop {
+                    let frame = match socket.next().await {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(_)) => continue,
+                        other => panic!("connection ended: {other:?}"),
+                    };
+                    let received = now_ns();
+                    // Only the fields needed, borrowed: the load generator shares the CPUs.
+                    let event: Frame<'_> = serde_json::from_str(&frame).unwrap();
+                    match event.kind {
+                        "delta" => {
+                            let sent: u64 = event.text.unwrap().trim().parse().unwrap();
+                            latencies.push(received.saturating_sub(sent));
+                        }
+                        "answer" => {
+                            assert_eq!(event.finish.as_deref(), Some("stop"), "{frame}");
+                            turns += 1;
+                        }
+                        // The criteria after the answer: the turn is complete.
+                        "criteria" if turns == n => break,
+                        "error" => panic!("error: {frame}"),
+                        _ => {}
+                    }
+                }
+            }
+            (latencies, turns)
+        }));
+    }
+    let mut all: Vec<u64> = Vec::new();
+    let mut turns = 0;
+    for task in tasks {
+        let (latencies, t) = task.await.unwrap();
+        all.extend(latencies);
+        turns += t;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let server_cpu = server.cpu_seconds() - server_cpu;
+    let own_cpu = cpu_seconds("/proc/self/stat") - own_cpu;
+    all.sort_unstable();
+    println!(
+        "relay: CPU over {elapsed:.1} s: server {server_cpu:.1} s ({:.1} µs per delta relayed), load generator and fake upstream {own_cpu:.1} s",
+        server_cpu * 1e6 / all.len().max(1) as f64
+    );
+    println!("relay: {turns} answers ({:.0}/s)", turns as f64 / elapsed);
+    report(
+        "through Vigil (upstream -> server -> WebSocket frame)",
+        &all,
+    );
+    println!(
+        "relay: at p50 / p99 Vigil adds {:.3} ms / {:.3} ms over the baseline",
+        (percentile(&all, 0.50) - percentile(&direct, 0.50)) / 1_000.0,
+        (percentile(&all, 0.99) - percentile(&direct, 0.99)) / 1_000.0,
+    );
+}
+
+async fn idle(connections: usize) {
+    let server = Server::start(None).await;
+    // Warm up: one session, so the first-use allocations are not counted per connection.
+    drop(start_session(server.address, "demo").await);
+    let before = server.rss_kib();
+    let mut sockets = Vec::with_capacity(connections);
+    for chunk in (0..connections).collect::<Vec<_>>().chunks(100) {
+        let opened = futures_util::future::join_all(
+            chunk.iter().map(|_| start_session(server.address, "demo")),
+        )
+        .await;
+        sockets.extend(opened);
+    }
+    let after = server.rss_kib();
+    let per = (after.saturating_sub(before)) as f64 / connections as f64;
+    println!(
+        "idle: {connections} open connections, each with a started session: server RSS {before} KiB -> {after} KiB, {per:.1} KiB per idle session"
+    );
+    drop(sockets);
+}
