@@ -123,6 +123,11 @@ async fn sessions_are_listed_with_filters_and_blind_names_stay_hidden_until_the_
     let (_, page) = app.get("/api/sessions?status=ended").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert_eq!(page["items"][0]["id"], solo.as_str());
+    assert_eq!(
+        page["items"][0]["scenario_title"],
+        "Fixture: scripted branching"
+    );
+    assert_eq!(page["items"][0]["targets"][0]["canned"], true);
     assert_eq!(page["items"][0]["targets"][0]["name"], "demo");
     let (_, page) = app.get("/api/sessions?scenario=uk&per_page=1").await;
     assert_eq!(

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Db, Gate, Reply, spawn_app, spawn_app_with};
+use crate::support::{Db, Gate, Reply, spawn_app, spawn_app_with, verdict_of};
 use vigil::config::TargetConfig;
 
 #[tokio::test]
@@ -32,6 +32,9 @@ async fn every_kind_of_bad_input_gets_its_error_and_the_connection_stays_usable(
     ws.send(json!({"type": "say", "id": "m3", "text": "hello"}))
         .await;
     ws.error_for(Some("m3"), "no_session").await;
+    ws.send(json!({"type": "resume", "id": "m3b", "session": "no-such-session"}))
+        .await;
+    ws.error_for(Some("m3b"), "unknown_session").await;
     ws.send(json!({"type": "start", "id": "m4", "scenario": "nope", "targets": ["demo"]}))
         .await;
     let err = ws.error_for(Some("m4"), "unknown_scenario").await;
@@ -171,6 +174,19 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
         app.upstream.push("fake", reply);
         ws.say(&format!("line {turn}")).await;
         let error = expect_failure(&mut ws, turn, code, partial).await;
+        // Even an answer that failed is rated: what it did say is judged, and a required
+        // behaviour it never got to show is `unsure`, not `absent`.
+        let rating = ws.rules_rating(turn, "A").clone();
+        assert_eq!(
+            verdict_of(&rating, "stigmatising-language").as_deref(),
+            Some("absent"),
+            "{rating}"
+        );
+        assert_eq!(
+            verdict_of(&rating, "offers-local-resource").as_deref(),
+            Some("unsure"),
+            "{rating}"
+        );
         if code == "target_auth_failed" {
             assert!(
                 error["message"]

@@ -338,7 +338,8 @@ impl Actor {
                     completed_at: now,
                 };
                 actor.slots[index].answered.insert(turn);
-                actor.record_answer(&mut batch, answer, None);
+                let rating = actor.rules_rating(&answer, false);
+                actor.record_answer(&mut batch, index, answer, rating);
             }
             if !batch.ops.is_empty() {
                 let summaries = actor.criteria_update(&mut batch);
@@ -993,20 +994,8 @@ impl Actor {
             completed_at: now_ms(),
         };
         let mut batch = Batch::default();
-        let rating = (!answer.text.is_empty()).then(|| Rating {
-            id: uuid::Uuid::new_v4().to_string(),
-            turn,
-            target: answer.target.clone(),
-            rater: RULES_RATER.to_owned(),
-            verdicts: self.rules.rate(&answer.text, complete),
-            scores: BTreeMap::new(),
-            flags: Vec::new(),
-            note: None,
-            rewrite: None,
-            created_at: now_ms(),
-            superseded_by: None,
-        });
-        self.record_answer(&mut batch, answer, rating.map(|r| (index, r)));
+        let rating = self.rules_rating(&answer, complete);
+        self.record_answer(&mut batch, index, answer, rating);
         let summaries = self.criteria_update(&mut batch);
         let turn_complete = self.in_flight == 0 && !self.shutting_down && self.ending.is_empty();
         if turn_complete && self.mode == Mode::Scripted {
@@ -1022,12 +1011,31 @@ impl Actor {
         }
     }
 
+    /// The rules' rating of an answer, empty ones included: in an empty answer nothing
+    /// forbidden was said and nothing required can be confirmed.
+    fn rules_rating(&self, answer: &AnswerRow, complete: bool) -> Rating {
+        Rating {
+            id: uuid::Uuid::new_v4().to_string(),
+            turn: answer.turn,
+            target: answer.target.clone(),
+            rater: RULES_RATER.to_owned(),
+            verdicts: self.rules.rate(&answer.text, complete),
+            scores: BTreeMap::new(),
+            flags: Vec::new(),
+            note: None,
+            rewrite: None,
+            created_at: now_ms(),
+            superseded_by: None,
+        }
+    }
+
     /// Queues an answer row, its `answer` (and `error`) events and its rating.
     fn record_answer(
         &mut self,
         batch: &mut Batch,
+        index: usize,
         answer: AnswerRow,
-        rating: Option<(usize, Rating)>,
+        rating: Rating,
     ) {
         let event = AnswerEvent {
             turn: answer.turn,
@@ -1059,9 +1067,7 @@ impl Actor {
             });
             self.durable(batch, event);
         }
-        if let Some((index, rating)) = rating {
-            self.add_rating(batch, index, rating, true);
-        }
+        self.add_rating(batch, index, rating, true);
     }
 
     /// Queues a rating (superseding the same rater's earlier rating of the same answer) and
@@ -1091,7 +1097,22 @@ impl Actor {
             })
             .cloned()
             .collect();
+        // For the rules' rating: the criteria that apply at this turn which only a judge or a
+        // human can rate, so a page can ask for them.
+        let awaiting = if only_applicable {
+            self.scenario
+                .criteria
+                .iter()
+                .filter(|c| {
+                    !c.has_patterns() && applies_at(&self.scenario, c, &self.markers, rating.turn)
+                })
+                .map(|c| c.id.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let event = RatingEvent {
+            awaiting,
             id: rating.id.clone(),
             turn: rating.turn,
             target: rating.target.clone(),
@@ -1356,6 +1377,7 @@ impl Actor {
                 })
                 .collect(),
             offered: self.offer.clone(),
+            max_text_chars: self.ctx.max_text_chars,
             created_at,
         }))
     }
@@ -1375,8 +1397,11 @@ fn outcomes_of(summaries: &[TargetSummary]) -> Vec<(String, String, Option<f64>)
         .collect()
 }
 
-/// Weighted share of decided verdicts that are good: a `must` present, a `must_not` absent.
-/// A conversation-scope `must` absent from one answer is not counted against it.
+/// Weighted share of the behaviours seen in one answer that are good: a required behaviour
+/// shown counts for it; a forbidden behaviour shown, or a behaviour required of every answer
+/// missing, counts against it. Absences of forbidden behaviours and of once-per-conversation
+/// behaviours say nothing about one answer and are not counted, so an answer that shows
+/// nothing either way has no score (`None`), not a perfect one.
 fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f64> {
     let (mut good, mut total) = (0u32, 0u32);
     for v in verdicts {
@@ -1385,12 +1410,14 @@ fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f6
         };
         let weight = c.severity.weight();
         match (c.kind, c.scope, v.verdict) {
-            (_, _, Verdict::Unsure) | (Kind::Must, Scope::Conversation, Verdict::Absent) => {}
-            (Kind::Must, _, Verdict::Present) | (Kind::MustNot, _, Verdict::Absent) => {
+            (Kind::Must, _, Verdict::Present) => {
                 good += weight;
                 total += weight;
             }
-            _ => total += weight,
+            (Kind::MustNot, _, Verdict::Present) | (Kind::Must, Scope::Turn, Verdict::Absent) => {
+                total += weight;
+            }
+            _ => {}
         }
     }
     (total > 0).then(|| f64::from(good) / f64::from(total))

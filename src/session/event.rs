@@ -80,6 +80,8 @@ pub struct Started {
     pub markers: Vec<MarkerView>,
     pub criteria: Vec<CriterionView>,
     pub offered: Option<OfferedLine>,
+    /// Longest patient line accepted, in characters.
+    pub max_text_chars: usize,
     pub created_at: i64,
 }
 
@@ -176,8 +178,11 @@ pub struct RatingEvent {
     pub rater: String,
     /// Verdicts on the criteria that apply at this turn.
     pub verdicts: Vec<CriterionVerdict>,
-    /// Weighted share of those verdicts that are good (a `must` present, a `must_not`
-    /// absent), 0-1; `None` when none is decided.
+    /// Rules ratings only: criteria that apply at this turn and await a judge or a human.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub awaiting: Vec<String>,
+    /// Weighted share of the behaviours seen in this answer that are good, 0-1 (see
+    /// `answer_score`); `None` when the answer shows none either way.
     pub score: Option<f64>,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub scores: std::collections::BTreeMap<String, u8>,

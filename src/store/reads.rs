@@ -119,6 +119,8 @@ pub struct Page<T> {
 pub struct SessionListItem {
     pub id: String,
     pub scenario_id: String,
+    /// The title of the scenario version the session ran with.
+    pub scenario_title: String,
     pub mode: String,
     pub label: Option<String>,
     pub status: String,
@@ -135,6 +137,8 @@ pub struct SessionListTarget {
     pub alias: String,
     /// Hidden while a blind session is active.
     pub name: Option<String>,
+    /// Whether the target gives canned demo answers; hidden with the name.
+    pub canned: Option<bool>,
     pub outcome: Option<String>,
     pub score: Option<f64>,
 }
@@ -474,7 +478,8 @@ impl Store {
 
         let mut query = sqlx::query(AssertSqlSafe(format!(
             "SELECT s.id, s.scenario_id, s.mode, s.label, s.status, s.blind, s.created_at, \
-             s.updated_at, s.ended_at, (SELECT COUNT(*) FROM turns t WHERE t.session_id = s.id) AS turns \
+             s.updated_at, s.ended_at, (SELECT COUNT(*) FROM turns t WHERE t.session_id = s.id) AS turns, \
+             (SELECT v.title FROM scenario_versions v WHERE v.sha256 = s.scenario_sha256) AS scenario_title \
              FROM sessions s{where_clause} ORDER BY s.created_at DESC, s.id LIMIT {per_page} OFFSET {offset}"
         )));
         for arg in &args {
@@ -487,6 +492,7 @@ impl Store {
                 Ok(SessionListItem {
                     id: r.try_get("id")?,
                     scenario_id: r.try_get("scenario_id")?,
+                    scenario_title: r.try_get("scenario_title")?,
                     mode: r.try_get("mode")?,
                     label: r.try_get("label")?,
                     status: r.try_get("status")?,
@@ -503,7 +509,7 @@ impl Store {
         if !items.is_empty() {
             let placeholders: Vec<String> = (1..=items.len()).map(|i| format!("${i}")).collect();
             let mut query = sqlx::query(AssertSqlSafe(format!(
-                "SELECT session_id, alias, target_name, outcome, score FROM session_targets \
+                "SELECT session_id, alias, target_name, target_config, outcome, score FROM session_targets \
                  WHERE session_id IN ({}) ORDER BY position",
                 placeholders.join(", ")
             )));
@@ -514,6 +520,9 @@ impl Store {
                 let session_id: String = row.try_get("session_id")?;
                 if let Some(item) = items.iter_mut().find(|i| i.id == session_id) {
                     let hidden = item.blind && item.status != "ended";
+                    let config: String = row.try_get("target_config")?;
+                    let canned = serde_json::from_str::<crate::config::TargetConfig>(&config)
+                        .is_ok_and(|c| c.kind == crate::config::TargetKind::Demo);
                     item.targets.push(SessionListTarget {
                         alias: row.try_get("alias")?,
                         name: if hidden {
@@ -521,6 +530,7 @@ impl Store {
                         } else {
                             Some(row.try_get("target_name")?)
                         },
+                        canned: (!hidden).then_some(canned),
                         outcome: row.try_get("outcome")?,
                         score: row.try_get("score")?,
                     });

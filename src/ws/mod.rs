@@ -266,13 +266,19 @@ impl Connection {
                     Err(err) => self.send_error(&err, id).await,
                 }
             }
-            ClientMessage::Resume { session, after_seq } => {
+            ClientMessage::Resume {
+                id,
+                session,
+                after_seq,
+            } => {
                 let sessions = self.sessions.clone();
                 match self.while_forwarding(sessions.open(&session)).await {
                     Ok(handle) => {
-                        self.attach(handle, after_seq, true).await;
+                        if self.attach(handle, after_seq, true).await {
+                            self.ack(id).await;
+                        }
                     }
-                    Err(err) => self.send_error(&err, None).await,
+                    Err(err) => self.send_error(&err, id).await,
                 }
             }
             ClientMessage::Say { id, text } => {

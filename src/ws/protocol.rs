@@ -26,6 +26,8 @@ pub enum ClientMessage {
         blind: Option<bool>,
     },
     Resume {
+        #[serde(default)]
+        id: Option<String>,
         session: String,
         #[serde(default)]
         after_seq: u64,
