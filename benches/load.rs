@@ -57,7 +57,7 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
 }
 
 fn main() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    vigil::tls::install_provider();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

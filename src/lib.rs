@@ -20,6 +20,7 @@
 //! - [`ws`]: the WebSocket protocol edge: frames to commands, events to frames.
 //! - [`http`]: the axum router: JSON API, the web page, health.
 //! - [`startup`]: builds the application from a config and binds its listener.
+//! - [`tls`], [`time`]: small shared helpers (the rustls provider; stored timestamps).
 
 pub mod config;
 pub mod http;
@@ -30,4 +31,5 @@ pub mod startup;
 pub mod store;
 pub mod target;
 pub mod time;
+pub mod tls;
 pub mod ws;

@@ -149,7 +149,6 @@ async fn wait_for_signal() {
 }
 
 async fn migrate(config: Config) -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let store = Store::connect(&config.server.database_url).await?;
     store.migrate().await?;
     println!(
@@ -182,15 +181,19 @@ fn lint(config: &Config, paths: Vec<PathBuf>) -> ExitCode {
                 for warning in &library.report.diagnostics {
                     println!("{warning}");
                 }
-                let criteria: usize = library.scenarios.values().map(|s| s.criteria.len()).sum();
-                let examples: usize = library
-                    .scenarios
-                    .values()
-                    .flat_map(|s| s.criteria.iter())
-                    .map(|c| c.examples.present.len() + c.examples.absent.len())
-                    .sum();
+                // Each definition once, though shared sets are included by many scenarios.
+                let mut seen = std::collections::HashSet::new();
+                let (mut criteria, mut examples) = (0, 0);
+                for c in library.scenarios.values().flat_map(|s| s.criteria.iter()) {
+                    if seen.insert((c.origin.as_str(), c.id.as_str())) {
+                        criteria += 1;
+                        if c.has_patterns() {
+                            examples += c.examples.present.len() + c.examples.absent.len();
+                        }
+                    }
+                }
                 println!(
-                    "{}: {} scenarios, {criteria} criteria in use, {examples} examples checked: ok ({} warnings)",
+                    "{}: {} scenarios, {criteria} criteria, {examples} examples run against their patterns: ok ({} warnings)",
                     dir.display(),
                     library.scenarios.len(),
                     library.report.warnings(),

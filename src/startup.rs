@@ -33,9 +33,6 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        // reqwest and sqlx both use rustls with ring; it must be the process's provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-
         let library = load_dir(&config.server.scenarios).map_err(|report| {
             anyhow::anyhow!(
                 "the scenarios in {} have problems; nothing was started:\n{report}",

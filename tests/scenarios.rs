@@ -142,3 +142,34 @@ fn config_prints_the_effective_configuration_with_secrets_masked() {
         "built-in demo listed: {stdout}"
     );
 }
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let text = include_str!("../vigil.example.toml");
+    let config = vigil::config::Config::from_toml(text, "vigil.example.toml").unwrap();
+    config.validate().unwrap();
+    // Its commented targets, uncommented, are valid too.
+    let uncommented: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("# [[targets]]")
+                || l.starts_with("# name")
+                || l.starts_with("# kind")
+                || l.starts_with("# base_url")
+                || l.starts_with("# model")
+            {
+                &l[2..]
+            } else {
+                l
+            }
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = vigil::config::Config::from_toml(&uncommented, "uncommented").unwrap();
+    assert!(
+        config.targets.iter().any(|t| t.name == "local-llama"),
+        "{:?}",
+        config.targets
+    );
+    vigil::target::Targets::from_config(&config.targets()).unwrap();
+}

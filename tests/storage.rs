@@ -10,7 +10,6 @@ use vigil::store::{
 use crate::support::{Db, fresh_database};
 
 async fn store(db: Db) -> (Store, tempfile::TempDir) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let (url, dir) = fresh_database(db).await;
     let store = Store::connect(&url).await.unwrap();
     store.migrate().await.unwrap();

@@ -92,6 +92,7 @@ impl Store {
     /// Connects (creating a SQLite file and its folder if missing) and starts the writer task.
     /// Does not migrate: call [`Store::migrate`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        crate::tls::install_provider();
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite

@@ -155,6 +155,7 @@ pub struct Targets {
 impl Targets {
     /// Builds every target of the configuration (the built-in demos included).
     pub fn from_config(configs: &[TargetConfig]) -> Result<Self, String> {
+        crate::tls::install_provider();
         let client = reqwest::Client::builder()
             .user_agent(concat!("vigil/", env!("CARGO_PKG_VERSION")))
             .build()
