@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every check and every test of Vigil, on a fresh machine.
 #
-# Installs what the tests need (Debian packages, only when missing), starts a throwaway
-# PostgreSQL on loopback, runs `cargo fmt --check`, `cargo clippy --all-targets -D warnings`
+# Installs what the tests need (Debian packages, only when missing: postgresql, chromium,
+# chromium-driver), starts a throwaway PostgreSQL on loopback, runs `cargo fmt --check`, `cargo clippy --all-targets -D warnings`
 # and all tests (SQLite and PostgreSQL), and stops what it started, whatever happens.
 #
 #   bash scripts/test.sh            # everything
@@ -19,6 +19,8 @@ as_root() {
 # --- what the tests need -------------------------------------------------------------------
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq

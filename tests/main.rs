@@ -5,6 +5,7 @@
 mod support;
 
 mod api;
+mod browser;
 mod faults;
 mod protocol;
 mod restart;
