@@ -2,8 +2,9 @@
 # Every check and every test of Vigil, on a fresh machine.
 #
 # Installs what the tests need (Debian packages, only when missing: postgresql, chromium,
-# chromium-driver), starts a throwaway PostgreSQL on loopback, runs `cargo fmt --check`, `cargo clippy --all-targets -D warnings`
-# and all tests (SQLite and PostgreSQL), and stops what it started, whatever happens.
+# chromium-driver), starts a throwaway PostgreSQL on loopback, runs `cargo fmt --check`,
+# `cargo clippy --all-targets -D warnings` and all tests (SQLite, PostgreSQL, the browser), and
+# stops what it started, whatever happens.
 #
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -- NAME    # only the tests whose name contains NAME (fmt and clippy still run)
