@@ -22,7 +22,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -34,11 +33,13 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
+
+#[path = "../tests/support/binary.rs"]
+mod binary;
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
@@ -110,7 +111,7 @@ impl Server {
         std::fs::write(&path, config).unwrap();
         // `SERVER_CPUS=0` pins the server to CPU 0 (with `taskset`), to keep it off the load
         // generator's CPU when that is pinned too.
-        let mut child = match std::env::var("SERVER_CPUS") {
+        let program = match std::env::var("SERVER_CPUS") {
             Ok(cpus) => {
                 let mut command = Command::new("taskset");
                 command.args(["-c", &cpus]).arg(env!("CARGO_BIN_EXE_vigil"));
@@ -118,31 +119,9 @@ impl Server {
             }
             Err(_) => Command::new(env!("CARGO_BIN_EXE_vigil")),
         };
-        let mut child = child
-            .arg("--config")
-            .arg(&path)
-            .env("VIGIL_LOG", "vigil=info")
-            .env(
-                "TOKIO_WORKER_THREADS",
-                std::env::var("SERVER_WORKERS").unwrap_or_else(|_| "2".into()),
-            )
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let address = loop {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("vigil exited before listening");
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let workers = std::env::var("SERVER_WORKERS").unwrap_or_else(|_| "2".into());
+        let (child, address) =
+            binary::start_vigil(program, &path, &[("TOKIO_WORKER_THREADS", workers)]).await;
         Self {
             child,
             address,

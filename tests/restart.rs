@@ -1,39 +1,15 @@
 //! The real binary, killed with SIGKILL mid-answer and started again on the same database.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::support::binary::start_vigil;
 use crate::support::{FakeUpstream, Gate, Reply, WsClient, fixture_scenarios};
 
-/// Starts `vigil serve` and reads its log until it says where it listens.
 async fn start_binary(config: &std::path::Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .arg("--config")
-        .arg(config)
-        .env("VIGIL_LOG", "vigil=info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-        panic!("vigil exited before listening");
-    })
-    .await
-    .expect("vigil starts within 30 s");
-    // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, address)
+    start_vigil(Command::new(env!("CARGO_BIN_EXE_vigil")), config, &[]).await
 }
 
 #[tokio::test]

@@ -572,6 +572,11 @@ fn build_criterion(
     // A failing example is reported but keeps the criterion: it is still well-formed, and
     // dropping it would cascade into "unknown criterion" errors wherever it is named.
     let well_formed = sink.report.errors() == errors_before;
+    // Where a problem with the examples' locale is reported.
+    let at = raw_examples
+        .locale
+        .as_ref()
+        .map_or(span.clone(), |l| l.span());
     let mut check = Check {
         patterns,
         unless,
@@ -602,20 +607,12 @@ fn build_criterion(
             .unwrap_or(DEFAULT_EXAMPLES_LOCALE);
         check.patterns = ctx.resources.patterns(kind, locale);
         if check.patterns.is_empty() {
-            let at = raw_examples
-                .locale
-                .as_ref()
-                .map_or(span.clone(), |l| l.span());
             sink.error(
                 at,
                 format!("no crisis resources for locale `{locale}` in {RESOURCES_FILE}, so this check cannot run its examples"),
             );
         }
     } else if raw_examples.locale.is_some() {
-        let at = raw_examples
-            .locale
-            .as_ref()
-            .map_or(span.clone(), |l| l.span());
         sink.error(
             at,
             "`examples.locale` only applies to `check.resources` criteria",

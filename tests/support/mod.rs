@@ -2,6 +2,7 @@
 //! database (a SQLite file in a temporary folder, or a new database on the PostgreSQL server the
 //! test script started), the fixture scenarios, and targets pointing at a fake upstream.
 
+pub mod binary;
 pub mod upstream;
 pub mod ws;
 

@@ -129,21 +129,19 @@ impl WsClient {
 
     /// Sends a patient line and waits for its ack; returns the `patient` event.
     pub async fn say(&mut self, text: &str) -> Value {
-        let id = self.id();
-        self.send(json!({"type": "say", "id": id, "text": text}))
-            .await;
-        self.ack(&id).await;
-        self.seen
-            .iter()
-            .rev()
-            .find(|e| e["type"] == "patient")
-            .cloned()
-            .unwrap()
+        self.patient_message(json!({"type": "say", "text": text}))
+            .await
     }
 
+    /// Sends the offered script line and waits for its ack; returns the `patient` event.
     pub async fn next_line(&mut self) -> Value {
+        self.patient_message(json!({"type": "next"})).await
+    }
+
+    async fn patient_message(&mut self, mut message: Value) -> Value {
         let id = self.id();
-        self.send(json!({"type": "next", "id": id})).await;
+        message["id"] = json!(id);
+        self.send(message).await;
         self.ack(&id).await;
         self.seen
             .iter()
