@@ -10,6 +10,12 @@ use vigil::scenario::load_dir;
 fn every_bundled_scenario_lints_clean_and_its_examples_behave() {
     let library = load_dir(&bundled_scenarios()).unwrap_or_else(|report| panic!("{report}"));
     assert!(!library.report.has_errors());
+    assert_eq!(
+        library.report.warnings(),
+        0,
+        "the bundled library has no warnings:\n{}",
+        library.report
+    );
     for id in [
         "passive-ideation-student",
         "imminent-pills-at-hand",

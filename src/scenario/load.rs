@@ -26,7 +26,7 @@ use super::resources::{self, Resource, Resources};
 use super::template;
 use super::{
     Check, Criterion, CriterionId, Diagnostic, Examples, Kind, Level, MarkerDef, MarkerId, Pattern,
-    Persona, Report, Scenario, ScenarioId, Scope, ScriptLine, line_col,
+    Persona, Report, Risk, Scenario, ScenarioId, Scope, ScriptLine, line_col,
 };
 
 /// Relative path of the resources file inside a scenario directory.
@@ -437,7 +437,8 @@ fn parse_criteria_set(
         return set;
     };
     let _: Option<raw::CriteriaSetHead> = deserialize_head(doc.head, sink);
-    set.markers = build_markers(doc.arrays.remove("markers").unwrap_or_default(), &[], sink);
+    let declared = build_markers(doc.arrays.remove("markers").unwrap_or_default(), &[], sink);
+    set.markers = declared.iter().map(|(m, _)| m.clone()).collect();
     let raws = deserialize_items::<raw::Criterion>(
         doc.arrays.remove("criteria").unwrap_or_default(),
         sink,
@@ -448,6 +449,7 @@ fn parse_criteria_set(
         examples_locale: None,
     };
     set.criteria = build_criteria(raws, &set.markers, &ctx, sink);
+    warn_unused_markers(&declared, &set.criteria, &[], sink);
     set
 }
 
@@ -455,21 +457,45 @@ fn build_markers(
     items: Vec<Spanned<DeValue<'_>>>,
     inherited: &[MarkerDef],
     sink: &mut FileSink<'_>,
-) -> Vec<MarkerDef> {
-    let mut markers: Vec<MarkerDef> = Vec::new();
+) -> Vec<(MarkerDef, Range<usize>)> {
+    let mut markers: Vec<(MarkerDef, Range<usize>)> = Vec::new();
     for item in deserialize_items::<raw::Marker>(items, sink) {
         let m = item.into_inner();
         match MarkerId::parse(m.id.get_ref()) {
-            Ok(id) if markers.iter().any(|d| d.id == id) => sink.error(
+            Ok(id) if markers.iter().any(|(d, _)| d.id == id) => sink.error(
                 m.id.span(),
                 format!("marker `{id}` is declared twice in this file"),
             ),
             Ok(id) if inherited.iter().any(|d| d.id == id) => {} // same marker as an include's
-            Ok(id) => markers.push(MarkerDef { id, text: m.text }),
+            Ok(id) => markers.push((MarkerDef { id, text: m.text }, m.id.span())),
             Err(message) => sink.error(m.id.span(), message),
         }
     }
     markers
+}
+
+/// Warns about markers declared here that nothing sets and no criterion waits for.
+fn warn_unused_markers(
+    declared: &[(MarkerDef, Range<usize>)],
+    criteria: &[Criterion],
+    script: &[ScriptLine],
+    sink: &mut FileSink<'_>,
+) {
+    for (marker, span) in declared {
+        let used = criteria
+            .iter()
+            .any(|c| c.after.as_ref() == Some(&marker.id))
+            || script.iter().any(|l| l.marks.as_ref() == Some(&marker.id));
+        if !used {
+            sink.warning(
+                span.clone(),
+                format!(
+                    "marker `{}` is declared but no script line sets it and no criterion waits for it",
+                    marker.id
+                ),
+            );
+        }
+    }
 }
 
 struct CriterionContext<'a> {
@@ -501,6 +527,43 @@ fn build_criteria(
         criteria.push(criterion);
     }
     criteria
+}
+
+/// Why a `when` criterion can never be met in a scripted run, if it cannot: it never applies at
+/// the scenario's risk, only a judge or a human can rate it, or its window opens at a marker
+/// that no earlier line sets.
+fn never_met(criterion: &Criterion, risk: Option<Risk>, earlier: &[ScriptLine]) -> Option<String> {
+    if let (Some(min), Some(risk)) = (criterion.min_risk, risk)
+        && risk < min
+    {
+        return Some(format!(
+            "never applies at this scenario's risk level (it needs {}): the `otherwise` line is always sent",
+            risk_name(min)
+        ));
+    }
+    if !criterion.has_patterns() && criterion.check.resources.is_none() {
+        return Some(
+            "has no patterns: only a judge or a human can meet it, so unattended runs always send the `otherwise` line"
+                .to_owned(),
+        );
+    }
+    if let Some(marker) = &criterion.after
+        && !earlier.iter().any(|l| l.marks.as_ref() == Some(marker))
+    {
+        return Some(format!(
+            "applies only after marker `{marker}`, which no earlier script line sets: it is met only if the clinician marks it by hand"
+        ));
+    }
+    None
+}
+
+fn risk_name(risk: Risk) -> &'static str {
+    match risk {
+        Risk::Low => "low",
+        Risk::Moderate => "moderate",
+        Risk::High => "high",
+        Risk::Imminent => "imminent",
+    }
 }
 
 /// Best-effort span of a criterion's `id = "..."` for messages that come after building.
@@ -644,6 +707,40 @@ fn build_criterion(
     if resources.is_some() {
         // The including scenario regenerates them for its own locale.
         check.patterns.clear();
+    }
+    if raw.source.as_deref().is_none_or(|s| s.trim().is_empty()) {
+        sink.warning(
+            raw.id.span(),
+            format!(
+                "criterion `{}` names no `source`: cite the standard it comes from (C-SSRS, \
+                 SBSP, CALM, RRS, VERA-MH, ...)",
+                raw.id.get_ref()
+            ),
+        );
+    }
+    if !check.patterns.is_empty() || resources.is_some() {
+        if raw_examples.present.is_empty() {
+            let consequence = match raw.kind {
+                Kind::MustNot => "nothing shows that its check catches the forbidden behaviour",
+                Kind::Must => "nothing shows that its check recognises the behaviour",
+            };
+            sink.warning(
+                raw.id.span(),
+                format!(
+                    "criterion `{}` has no `examples.present`: {consequence}",
+                    raw.id.get_ref()
+                ),
+            );
+        }
+        if raw_examples.absent.is_empty() {
+            sink.warning(
+                raw.id.span(),
+                format!(
+                    "criterion `{}` has no `examples.absent`: nothing shows that its check stays quiet when the behaviour is missing",
+                    raw.id.get_ref()
+                ),
+            );
+        }
     }
     if !well_formed {
         return None;
@@ -793,7 +890,7 @@ fn build_scenario(
         }
     }
     let own_markers = build_markers(markers_raw, &markers, sink);
-    markers.extend(own_markers);
+    markers.extend(own_markers.iter().map(|(m, _)| m.clone()));
 
     let ctx = CriterionContext {
         origin: rel,
@@ -830,9 +927,28 @@ fn build_scenario(
         }
         criteria.push(criterion);
     }
-    let script = build_script(script_raw, &criteria, &markers, sink);
+    let script = build_script(
+        script_raw,
+        &criteria,
+        &markers,
+        head.as_ref().map(|h| h.risk),
+        sink,
+    );
+    warn_unused_markers(&own_markers, &criteria, &script, sink);
     let head = head?;
     let locale = head.locale.get_ref().clone();
+    if has_resources_file
+        && resources::is_locale(&locale)
+        && resources.serving(&locale).next().is_none()
+    {
+        sink.warning(
+            head.locale.span(),
+            format!(
+                "no crisis resource in {RESOURCES_FILE} serves `{locale}`: a check for a local \
+                 resource can never be met, and every resource counts as foreign"
+            ),
+        );
+    }
     let id = ScenarioId::parse(head.id.get_ref())
         .map_err(|m| sink.error(head.id.span(), m))
         .ok();
@@ -948,9 +1064,10 @@ fn build_script(
     raws: Vec<Spanned<raw::ScriptLine>>,
     criteria: &[Criterion],
     markers: &[MarkerDef],
+    risk: Option<Risk>,
     sink: &mut FileSink<'_>,
 ) -> Vec<ScriptLine> {
-    let mut script = Vec::new();
+    let mut script: Vec<ScriptLine> = Vec::new();
     for (index, raw) in raws.into_iter().enumerate() {
         let line = raw.into_inner();
         let number = index + 1;
@@ -965,7 +1082,18 @@ fn build_script(
                 .iter()
                 .find(|c| c.id.as_str() == when.get_ref().as_str())
             {
-                Some(c) if c.kind == Kind::Must => Some(c.id.clone()),
+                Some(c) if c.kind == Kind::Must => {
+                    if let Some(reason) = never_met(c, risk, &script) {
+                        sink.warning(
+                            when.span(),
+                            format!(
+                                "script line {number}: `when` waits for `{}`, which {reason}",
+                                c.id
+                            ),
+                        );
+                    }
+                    Some(c.id.clone())
+                }
                 Some(c) => {
                     sink.error(
                         when.span(),
@@ -1252,5 +1380,112 @@ examples.absent = ["the dose is"]
         let again = load_bundle(&bundle).unwrap();
         assert_eq!(again.id, scenarios[0].id);
         assert_eq!(again.criteria.len(), 2);
+    }
+
+    #[test]
+    fn authoring_problems_are_warnings_at_their_place() {
+        let scenario = r#"id = "w"
+title = "w"
+version = 1
+risk = "low"
+locale = "fr-BE"
+content_warning = "x"
+include = ["core"]
+
+[persona]
+name = "X"
+summary = "y"
+
+[[markers]]
+id = "never-used"
+text = "nothing sets it or waits for it"
+
+[[criteria]]
+id = "no-source"
+text = "x"
+kind = "must_not"
+severity = "minor"
+check.patterns = ['dose']
+
+[[criteria]]
+id = "judge-only"
+text = "x"
+kind = "must"
+scope = "conversation"
+severity = "minor"
+source = "MHFA"
+
+[[criteria]]
+id = "high-only"
+text = "x"
+kind = "must"
+scope = "conversation"
+severity = "minor"
+min_risk = "high"
+source = "SBSP"
+check.patterns = ['plan']
+examples.present = ["a plan"]
+examples.absent = ["nothing"]
+
+[[script]]
+say = "one"
+when = "judge-only"
+otherwise = "uno"
+
+[[script]]
+say = "two"
+when = "high-only"
+otherwise = "dos"
+
+[[script]]
+say = "three"
+when = "asks-directly"
+otherwise = "tres"
+"#;
+        let core = CORE.replace("kind = \"must\"\nscope = \"conversation\"\nseverity = \"major\"", "kind = \"must\"\nscope = \"conversation\"\nseverity = \"major\"\nafter = \"disclosed-plan\"");
+        let (scenarios, report) = build(&[
+            ("criteria/core.toml", &core),
+            ("resources.toml", RESOURCES),
+            ("w.toml", scenario),
+        ]);
+        assert!(!report.has_errors(), "{report}");
+        assert_eq!(scenarios.len(), 1, "warnings do not stop a scenario");
+        let text = report.to_string();
+        for (needle, line) in [
+            ("no crisis resource in resources.toml serves `fr-BE`", 5),
+            (
+                "marker `never-used` is declared but no script line sets it",
+                14,
+            ),
+            ("criterion `no-source` names no `source`", 18),
+            (
+                "`no-source` has no `examples.present`: nothing shows that its check catches the forbidden behaviour",
+                18,
+            ),
+            ("`no-source` has no `examples.absent`", 18),
+            (
+                "`judge-only`, which has no patterns: only a judge or a human can meet it",
+                46,
+            ),
+            (
+                "`high-only`, which never applies at this scenario's risk level (it needs high)",
+                51,
+            ),
+            (
+                "`asks-directly`, which applies only after marker `disclosed-plan`, which no earlier script line sets",
+                56,
+            ),
+        ] {
+            let hit = report
+                .diagnostics
+                .iter()
+                .find(|d| d.message.contains(needle))
+                .unwrap_or_else(|| panic!("missing {needle:?} in:\n{text}"));
+            assert_eq!(
+                (hit.line, hit.level),
+                (line, Level::Warning),
+                "{needle}: {hit}"
+            );
+        }
     }
 }
