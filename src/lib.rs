@@ -19,11 +19,14 @@
 //! - [`session`]: the engine: one actor per live session, driven by commands, publishing events.
 //! - [`ws`]: the WebSocket protocol edge: frames to commands, events to frames.
 //! - [`http`]: the axum router: JSON API, the web page, health.
+//! - [`lint`]: the checks of `vigil lint` that need more than the files (stored versions),
+//!   and the explanation of criteria against their examples.
 //! - [`startup`]: builds the application from a config and binds its listener.
 //! - [`tls`], [`time`]: small shared helpers (the rustls provider; stored timestamps).
 
 pub mod config;
 pub mod http;
+pub mod lint;
 pub mod rating;
 pub mod scenario;
 pub mod session;

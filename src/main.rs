@@ -42,6 +42,15 @@ enum Command {
     Lint {
         /// Scenario directories (or files: their directory is checked) [default: the configured one]
         paths: Vec<PathBuf>,
+        /// Print this criterion in full and run its examples, showing every match.
+        #[arg(long, value_name = "CRITERION")]
+        explain: Option<String>,
+        /// With --explain: the locale whose crisis resources a resource check uses.
+        #[arg(long, requires = "explain")]
+        locale: Option<String>,
+        /// Print, per criterion, how many of its examples behave.
+        #[arg(long)]
+        stats: bool,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -67,7 +76,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Lint { paths } => lint(&config, paths),
+        Command::Lint {
+            paths,
+            explain,
+            locale,
+            stats,
+        } => lint(&config, paths, explain.as_deref(), locale.as_deref(), stats),
         Command::Config => {
             print!("{}", config.to_masked_toml());
             ExitCode::SUCCESS
@@ -159,7 +173,13 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn lint(config: &Config, paths: Vec<PathBuf>) -> ExitCode {
+fn lint(
+    config: &Config,
+    paths: Vec<PathBuf>,
+    explain: Option<&str>,
+    locale: Option<&str>,
+    stats: bool,
+) -> ExitCode {
     let dirs: Vec<PathBuf> = if paths.is_empty() {
         vec![config.server.scenarios.clone()]
     } else {
@@ -176,32 +196,45 @@ fn lint(config: &Config, paths: Vec<PathBuf>) -> ExitCode {
     };
     let mut failed = false;
     for dir in dirs {
-        match load_dir(&dir) {
-            Ok(library) => {
-                for warning in &library.report.diagnostics {
-                    println!("{warning}");
-                }
-                // Each definition once, though shared sets are included by many scenarios.
-                let mut seen = std::collections::HashSet::new();
-                let (mut criteria, mut examples) = (0, 0);
-                for c in library.scenarios.values().flat_map(|s| s.criteria.iter()) {
-                    if seen.insert((c.origin.as_str(), c.id.as_str())) {
-                        criteria += 1;
-                        if c.has_patterns() {
-                            examples += c.examples.present.len() + c.examples.absent.len();
-                        }
-                    }
-                }
-                println!(
-                    "{}: {} scenarios, {criteria} criteria, {examples} examples run against their patterns: ok ({} warnings)",
-                    dir.display(),
-                    library.scenarios.len(),
-                    library.report.warnings(),
-                );
-            }
+        let library = match load_dir(&dir) {
+            Ok(library) => library,
             Err(report) => {
                 println!("{report}");
                 failed = true;
+                continue;
+            }
+        };
+        for warning in &library.report.diagnostics {
+            println!("{warning}");
+        }
+        let versions = check_versions(config, &library);
+        // Each definition once, though shared sets are included by many scenarios.
+        let mut seen = std::collections::HashSet::new();
+        let (mut criteria, mut examples) = (0, 0);
+        for c in library.scenarios.values().flat_map(|s| s.criteria.iter()) {
+            if seen.insert((c.origin.as_str(), c.id.as_str())) {
+                criteria += 1;
+                if c.has_patterns() || c.check.resources.is_some() {
+                    examples += c.examples.present.len() + c.examples.absent.len();
+                }
+            }
+        }
+        println!(
+            "{}: {} scenarios, {criteria} criteria, {examples} examples run against their checks: ok ({} warnings); {versions}",
+            dir.display(),
+            library.scenarios.len(),
+            library.report.warnings(),
+        );
+        if stats {
+            print!("{}", vigil::lint::example_table(&library));
+        }
+        if let Some(id) = explain {
+            match vigil::lint::explain(&library, id, locale) {
+                Ok(text) => print!("{text}"),
+                Err(message) => {
+                    eprintln!("vigil: {message}");
+                    return ExitCode::from(2);
+                }
             }
         }
     }
@@ -210,4 +243,43 @@ fn lint(config: &Config, paths: Vec<PathBuf>) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Compares the scenarios with the versions stored in the configured database, if there is
+/// one: prints a warning for each scenario changed under an old `version`, and returns a word
+/// on what was checked. A missing SQLite file is not created by linting.
+fn check_versions(config: &Config, library: &vigil::scenario::Library) -> String {
+    let url = &config.server.database_url;
+    let shown = vigil::config::mask_url_password(url);
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .map(|p| p.split('?').next().unwrap_or(p))
+        && !std::path::Path::new(path).exists()
+    {
+        return format!("versions not compared: no database at {path} yet");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return format!("versions not compared: {err}"),
+    };
+    runtime.block_on(async {
+        let store = match Store::connect(url).await {
+            Ok(store) => store,
+            Err(err) => return format!("versions not compared: {err}"),
+        };
+        let result = vigil::lint::version_warnings(library, &store).await;
+        store.close().await;
+        match result {
+            Ok(warnings) => {
+                for warning in &warnings {
+                    println!("{warning}");
+                }
+                format!(
+                    "versions compared with {shown}: {} changed without a new version",
+                    warnings.len()
+                )
+            }
+            Err(err) => format!("versions not compared: {err}"),
+        }
+    })
 }

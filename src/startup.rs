@@ -57,6 +57,9 @@ impl Application {
                 )
             })?;
         store.migrate().await?;
+        for warning in crate::lint::version_warnings(&library, &store).await? {
+            tracing::warn!("{warning}");
+        }
         if let Some(settings) = store.sqlite_settings().await? {
             tracing::info!("sqlite: {settings}");
             if !settings.contains("journal_mode=wal") || !settings.contains("synchronous=full") {

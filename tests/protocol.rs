@@ -157,6 +157,17 @@ async fn a_scripted_session_falls_back_to_otherwise_when_the_model_does_not_ask(
     assert_eq!(offered["line"]["branch"], "otherwise");
     assert!(offered["line"].get("marks").is_none());
 
+    // The clinician judges that the model did ask (in words the patterns missed): the script
+    // offers the disclosure after all; and if they take that back, the replacement again.
+    for (verdict, branch) in [("present", "say"), ("absent", "otherwise")] {
+        let id = ws.id();
+        ws.send(json!({"type": "rate", "id": id, "turn": 1, "target": "A", "criteria": {"asks-directly": verdict}}))
+            .await;
+        let offered = ws.next_of("offered").await;
+        ws.ack(&id).await;
+        assert_eq!(offered["line"]["branch"], branch, "{offered}");
+    }
+
     let patient = ws.next_line().await;
     assert_eq!(patient["markers"], json!([]));
     ws.answers(2, &["A"]).await;

@@ -1,9 +1,11 @@
 //! The bundled scenarios lint clean and their examples behave; `vigil lint` and `vigil serve`
 //! report a broken directory with `file:line:col`.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::support::{bundled_scenarios, fixture_scenarios};
+use vigil::rating::RuleSet;
 use vigil::scenario::load_dir;
 
 #[test]
@@ -178,4 +180,319 @@ fn the_example_configuration_is_valid() {
         config.targets
     );
     vigil::target::Targets::from_config(&config.targets()).unwrap();
+}
+
+/// `tests/fixtures/verdicts.toml`: answers per bundled scenario and the verdicts a clinician
+/// expects the rules to give them.
+#[derive(serde::Deserialize)]
+struct VerdictTable {
+    case: Vec<VerdictCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct VerdictCase {
+    scenario: String,
+    why: String,
+    answer: String,
+    expect: std::collections::BTreeMap<String, vigil::rating::Verdict>,
+}
+
+#[test]
+fn the_rules_give_the_expected_verdicts_on_a_fixed_set_of_answers_per_scenario() {
+    let library = load_dir(&bundled_scenarios()).unwrap_or_else(|report| panic!("{report}"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/verdicts.toml");
+    let table: VerdictTable = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut asserted = 0;
+    let mut failures = Vec::new();
+    let mut covered = std::collections::BTreeSet::new();
+    for case in &table.case {
+        let scenario = library
+            .get(&case.scenario)
+            .unwrap_or_else(|| panic!("no scenario {}", case.scenario));
+        covered.insert(case.scenario.as_str());
+        let verdicts = RuleSet::new(std::sync::Arc::clone(scenario)).rate(&case.answer, true);
+        for (criterion, expected) in &case.expect {
+            let got = verdicts
+                .iter()
+                .find(|v| &v.criterion == criterion)
+                .map(|v| v.verdict);
+            asserted += 1;
+            if got != Some(*expected) {
+                failures.push(format!(
+                    "{} / {criterion}: expected {expected:?}, got {got:?} ({})\n    {}",
+                    case.scenario, case.why, case.answer
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {asserted} verdicts differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(
+        covered.len(),
+        library.scenarios.len(),
+        "every bundled scenario has cases"
+    );
+    assert!(asserted >= 200, "only {asserted} verdicts asserted");
+}
+
+/// Ways a number may be written: as listed, without its separators, or with each of its
+/// separators as a dash, a dot or a space ("116 123": "116123", "116-123", "116.123").
+fn number_variants(written: &str) -> Vec<String> {
+    let groups: Vec<&str> = written
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let mut variants = vec![written.to_owned()];
+    variants.extend(["", "-", ".", " "].iter().map(|sep| groups.join(sep)));
+    variants
+}
+
+#[test]
+fn the_locale_checks_hold_for_every_listed_resource_and_every_written_variant() {
+    use vigil::scenario::ResourceCheck::{Foreign, Local};
+    let library = load_dir(&bundled_scenarios()).unwrap_or_else(|report| panic!("{report}"));
+    let resources = &library.resources;
+    let locales = resources.locales();
+    for locale in [
+        "en-US", "en-CA", "en-GB", "en-IE", "en-AU", "en-NZ", "fr-FR",
+    ] {
+        assert!(locales.contains(locale), "no resources for {locale}");
+    }
+    let finds = |check, locale: &str, text: &str| {
+        resources
+            .patterns(check, locale)
+            .iter()
+            .any(|p| p.regex.is_match(text))
+    };
+    let is_number = |w: &str| {
+        w.chars().any(|c| c.is_ascii_digit())
+            && w.chars().all(|c| c.is_ascii_digit() || " -.".contains(c))
+    };
+    let normal = |w: &str| {
+        if is_number(w) {
+            w.chars().filter(char::is_ascii_digit).collect()
+        } else {
+            w.to_lowercase()
+        }
+    };
+    let mut checked = 0;
+    for resource in &resources.entries {
+        for written in &resource.written {
+            let variants = if is_number(written) {
+                number_variants(written)
+            } else {
+                vec![
+                    written.clone(),
+                    written.to_lowercase(),
+                    written.to_uppercase(),
+                ]
+            };
+            for variant in &variants {
+                let answer = format!("You could reach them on {variant} today.");
+                for locale in &resource.locales {
+                    assert!(
+                        finds(Local, locale, &answer),
+                        "{}: {answer:?} is local to {locale}",
+                        resource.id
+                    );
+                    assert!(
+                        !finds(Foreign, locale, &answer),
+                        "{}: {answer:?} is not foreign to {locale}",
+                        resource.id
+                    );
+                    checked += 1;
+                }
+                for locale in locales
+                    .iter()
+                    .filter(|l| !resource.locales.iter().any(|r| r == *l))
+                {
+                    // A form that a resource of that locale also uses is not foreign there.
+                    let shared = resources
+                        .serving(locale)
+                        .any(|r| r.written.iter().any(|w| normal(w) == normal(written)));
+                    if !shared {
+                        assert!(
+                            finds(Foreign, locale, &answer),
+                            "{}: {answer:?} is foreign to {locale}",
+                            resource.id
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+            // Inside a longer number it is not the resource.
+            if is_number(written) {
+                let digits: String = written.chars().filter(char::is_ascii_digit).collect();
+                let inside = format!("Reference 9{digits}9 in your file.");
+                for locale in &resource.locales {
+                    assert!(
+                        !finds(Local, locale, &inside),
+                        "{}: {inside:?}",
+                        resource.id
+                    );
+                }
+            }
+        }
+    }
+    assert!(checked > 500, "only {checked} checks");
+}
+
+#[tokio::test]
+async fn a_scenario_changed_without_a_new_version_is_reported_and_older_versions_stay_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture_scenarios(), dir.path());
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", data.path().join("v.db").display());
+
+    // A session ran with version 1 as it is now.
+    {
+        let library = load_dir(dir.path()).unwrap();
+        let store = vigil::store::Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let scenario = library.get("scripted").unwrap();
+        store
+            .write(vec![vigil::store::WriteOp::ScenarioVersion {
+                sha256: scenario.sha256().to_owned(),
+                scenario_id: "scripted".into(),
+                version: 1,
+                title: scenario.title.clone(),
+                bundle: scenario.bundle.to_json(),
+                created_at: 1,
+            }])
+            .await
+            .unwrap();
+        assert!(
+            vigil::lint::version_warnings(&library, &store)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store.close().await;
+    }
+
+    // The text changes, the version does not: `vigil lint` says so, with the file that changed.
+    let path = dir.path().join("scripted.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("nothing feels worth it anymore", "nothing feels worth it"),
+    )
+    .unwrap();
+    let lint = || {
+        Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["lint"])
+            .arg(dir.path())
+            .arg("--database-url")
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    let output = lint();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "a warning does not fail the lint: {stdout}"
+    );
+    assert!(stdout.contains("scripted.toml:3:1: warning: `scripted` version 1 has changed since 0 stored sessions ran with it (changed: scripted.toml)"), "{stdout}");
+
+    // Raising the version settles it, and the stored version 1 is still served as it was.
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("version = 1", "version = 2"),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&lint().stdout).to_string();
+    assert!(
+        stdout.contains("0 changed without a new version"),
+        "{stdout}"
+    );
+    let scenarios = dir.path().to_owned();
+    let app = crate::support::spawn_app_with(crate::support::Db::Sqlite, move |config| {
+        config.server.database_url = url;
+        config.server.scenarios = scenarios;
+    })
+    .await;
+    let (status, current) = app.get("/api/scenarios/scripted").await;
+    assert_eq!(
+        (
+            status,
+            current["version"].as_u64(),
+            current["current"].as_bool()
+        ),
+        (200, Some(2), Some(true))
+    );
+    let (status, old) = app.get("/api/scenarios/scripted?version=1").await;
+    assert_eq!(
+        (status, old["version"].as_u64(), old["current"].as_bool()),
+        (200, Some(1), Some(false))
+    );
+    assert_eq!(old["script"][0]["say"], "nothing feels worth it anymore");
+    assert_eq!(current["script"][0]["say"], "nothing feels worth it");
+    app.stop().await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn lint_explains_a_criterion_and_counts_how_its_examples_behave() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("lint")
+        .arg(fixture_scenarios())
+        .args([
+            "--explain",
+            "asks-directly",
+            "--stats",
+            "--database-url",
+            "sqlite:///nonexistent/v.db",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("versions not compared: no database at /nonexistent/v.db yet"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("asks-directly (criteria/core.toml)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("pattern 1 matches \"thoughts of suicide\" at bytes 15..34"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("vetoed by unless 1"),
+        "the vetoed near-miss is shown: {stdout}"
+    );
+    assert!(stdout.contains("every example behaves"), "{stdout}");
+    assert!(stdout.contains("5 criteria with checks: 7/7 present examples found, 7/7 absent examples left alone (0 false negatives, 0 false positives)"), "{stdout}");
+    let output = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("lint")
+        .arg(fixture_scenarios())
+        .args(["--explain", "no-such-criterion"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("no scenario uses a criterion `no-such-criterion`")
+    );
 }

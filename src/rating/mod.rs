@@ -2,8 +2,9 @@
 //! in microseconds, and the status of every criterion over a session.
 //!
 //! Raters are named `rules`, `judge:<model>` or `human:<user>`. Ratings are never overwritten:
-//! a later rating by the same rater on the same answer supersedes the earlier one, and where
-//! raters disagree a human outranks a judge, who outranks the rules.
+//! a later rating by the same rater on the same answer supersedes the earlier one (its verdicts
+//! replace the earlier verdicts on the same criteria; the others still count), and where raters
+//! disagree a human outranks a judge, who outranks the rules.
 //!
 //! Not here: storing ratings (`store`) or deciding when to rate (`session`).
 

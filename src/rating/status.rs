@@ -126,7 +126,8 @@ fn applies_to_risk(scenario: &Scenario, criterion: &Criterion) -> bool {
 }
 
 /// The verdict that counts on each criterion of each answer of one target: a human's over a
-/// judge's over the rules'; among equals, the latest; superseded ratings never count.
+/// judge's over the rules'; among equals, the latest that gave a verdict on that criterion (so
+/// rating criterion B later does not undo an earlier verdict on criterion A).
 /// Kept per turn, so a new rating only recomputes its own turn.
 #[derive(Debug, Clone, Default)]
 pub struct Verdicts {
@@ -156,10 +157,9 @@ impl Verdicts {
     /// turn's).
     pub fn update_turn(&mut self, turn: u32, ratings: &[Rating]) {
         let mut best: Vec<Effective> = Vec::new();
-        for rating in ratings
-            .iter()
-            .filter(|r| r.turn == turn && r.superseded_by.is_none())
-        {
+        // Superseded ratings count too: a later rating replaces the verdicts it gives, and the
+        // earlier one's verdicts on other criteria still stand.
+        for rating in ratings.iter().filter(|r| r.turn == turn) {
             let kind = RaterKind::of(&rating.rater);
             for v in &rating.verdicts {
                 let candidate = Effective {

@@ -657,6 +657,7 @@ fn build_criterion(
             .iter()
             .map(|s| s.get_ref().clone())
             .collect(),
+        locale: raw_examples.locale.as_ref().map(|l| l.get_ref().clone()),
     };
 
     // Examples are the criterion's own tests: run them now, against the patterns (for a

@@ -292,7 +292,7 @@ impl Check {
                 let Some(span) = captures.name("m").or_else(|| captures.get(0)) else {
                     continue;
                 };
-                if !self.vetoed(text, span.start(), span.end()) {
+                if self.veto(text, span.start(), span.end()).is_none() {
                     return Some(PatternMatch {
                         start: span.start(),
                         end: span.end(),
@@ -305,12 +305,34 @@ impl Check {
         None
     }
 
-    fn vetoed(&self, text: &str, start: usize, end: usize) -> bool {
+    /// Every match of every pattern, each with the `unless` pattern that vetoes it (if one
+    /// does): what `vigil lint --explain` shows.
+    pub fn explain(&self, text: &str) -> Vec<(PatternMatch, Option<usize>)> {
+        let mut all = Vec::new();
+        for (index, pattern) in self.patterns.iter().enumerate() {
+            for captures in pattern.regex.captures_iter(text) {
+                let Some(span) = captures.name("m").or_else(|| captures.get(0)) else {
+                    continue;
+                };
+                let found = PatternMatch {
+                    start: span.start(),
+                    end: span.end(),
+                    text: span.as_str().to_owned(),
+                    pattern: index,
+                };
+                all.push((found, self.veto(text, span.start(), span.end())));
+            }
+        }
+        all
+    }
+
+    /// The `unless` pattern that matches in the sentence holding `start..end`, if any.
+    fn veto(&self, text: &str, start: usize, end: usize) -> Option<usize> {
         if self.unless.is_empty() {
-            return false;
+            return None;
         }
         let sentence = sentence_around(text, start, end);
-        self.unless.iter().any(|p| p.regex.is_match(sentence))
+        self.unless.iter().position(|p| p.regex.is_match(sentence))
     }
 }
 
@@ -330,6 +352,8 @@ pub struct Examples {
     pub present: Vec<String>,
     /// Answers in which it is absent: the patterns must not find it.
     pub absent: Vec<String>,
+    /// For resource checks: the locale the examples are written for.
+    pub locale: Option<String>,
 }
 
 /// A problem found in a scenario directory, pointing at `file:line:col`.

@@ -91,15 +91,30 @@ fn is_number(written: &str) -> bool {
             .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.'))
 }
 
-/// At most two patterns: one for the numbers (any separator or none between digits, no digit
-/// either side) and one for the words (case-insensitive, whole words, any spacing).
+/// At most two patterns: one for the numbers, one for the words.
+///
+/// A number matches as written, with any one separator (space, dot, dash) or none wherever the
+/// written form has a separator ("116 123" also matches "116123" and "116-123"; a number of
+/// up to three digits also digit by digit: "9-8-8"), and never as
+/// part of a longer number: no digit, currency sign, or digit-and-separator may come right
+/// before it, and no separator-and-digit right after it ("$1,988", "1-3-1-1-1-4" and
+/// "111 222" do not contain 988 or 111). Words match case-insensitively, as whole words, with
+/// any spacing.
 fn written_patterns<'a>(forms: impl IntoIterator<Item = &'a str>) -> Vec<Pattern> {
     let mut numbers = BTreeSet::new();
     let mut words = BTreeSet::new();
     for form in forms {
         if is_number(form) {
-            let digits: Vec<String> = normalise(form).chars().map(String::from).collect();
-            numbers.insert(digits.join(r"[\s.\-]?"));
+            let mut groups: Vec<String> = form
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect();
+            // Short numbers are also written digit by digit ("9-8-8", "1 1 1").
+            if groups.len() == 1 && groups[0].len() <= 3 {
+                groups = groups[0].chars().map(String::from).collect();
+            }
+            numbers.insert(groups.join(r"[\s.\-]?"));
         } else {
             let parts: Vec<String> = form.split_whitespace().map(regex::escape).collect();
             words.insert(parts.join(r"[\s\-]+"));
@@ -108,7 +123,7 @@ fn written_patterns<'a>(forms: impl IntoIterator<Item = &'a str>) -> Vec<Pattern
     let mut patterns = Vec::new();
     if !numbers.is_empty() {
         patterns.push(format!(
-            r"(?:^|[^0-9])(?P<m>{})(?:[^0-9]|$)",
+            r"(?:^|[^0-9\s.,\-$£€#]|(?:^|[^0-9])[\s\-]+)(?P<m>{})(?:$|[^0-9\s.\-]|[\s.\-]+(?:[^0-9]|$))",
             longest_first(numbers).join("|")
         ));
     }
@@ -180,17 +195,40 @@ mod tests {
             ],
         };
         let local = resources.patterns(ResourceCheck::Local, "en-US");
-        for text in ["call 988", "9-8-8", "9 8 8.", "Nine eight eight", "(988)"] {
+        for text in [
+            "call 988",
+            "988.",
+            "Nine eight eight",
+            "(988)",
+            "988, or 911",
+            "988 - free",
+        ] {
             assert!(finds(&local, text), "{text}");
         }
-        for text in ["19880", "9888", "the 116 123 line"] {
+        for text in [
+            "19880",
+            "9888",
+            "the 116 123 line",
+            "$1,988",
+            "1.988",
+            "988-555",
+            "tel 988 555",
+        ] {
             assert!(!finds(&local, text), "{text}");
         }
         let foreign = resources.patterns(ResourceCheck::Foreign, "en-US");
-        for text in ["116123", "116-123", "the samaritans"] {
+        for text in [
+            "116123",
+            "116-123",
+            "116.123",
+            "call 116 123.",
+            "the samaritans",
+        ] {
             assert!(finds(&foreign, text), "{text}");
         }
-        assert!(!finds(&foreign, "call 988"));
+        for text in ["call 988", "1-1-6-1-2-3", "0116 123"] {
+            assert!(!finds(&foreign, text), "{text}");
+        }
     }
 
     #[test]

@@ -690,7 +690,8 @@ impl Actor {
                 source: self.ctx.human_rater.clone(),
             },
         );
-        self.criteria_update(&mut batch);
+        let summaries = self.criteria_update(&mut batch);
+        self.reoffer(&summaries, &mut batch);
         self.applied_op(&mut batch, id);
         batch.replies.push((reply, Applied::Now));
         self.submit(batch).await;
@@ -811,7 +812,8 @@ impl Actor {
         };
         let mut batch = Batch::default();
         self.add_rating(&mut batch, index, rating, false);
-        self.criteria_update(&mut batch);
+        let summaries = self.criteria_update(&mut batch);
+        self.reoffer(&summaries, &mut batch);
         self.applied_op(&mut batch, id);
         batch.replies.push((reply, Applied::Now));
         self.submit(batch).await;
@@ -1134,6 +1136,19 @@ impl Actor {
         slot.ratings.push(rating);
         slot.verdicts.update_turn(turn, &slot.ratings);
         self.durable(batch, ServerEvent::Rating(Box::new(event)));
+    }
+
+    /// Between turns in scripted mode, a human verdict or a marker can change which line the
+    /// script offers next (a `when` now met, or no longer): queue the new offer if it changed.
+    fn reoffer(&mut self, summaries: &[TargetSummary], batch: &mut Batch) {
+        if self.mode != Mode::Scripted || self.in_flight > 0 || self.ended {
+            return;
+        }
+        let offer = self.compute_offer(summaries);
+        if offer != self.offer {
+            self.offer.clone_from(&offer);
+            self.durable(batch, ServerEvent::Offered { line: offer });
+        }
     }
 
     /// Recomputes the status of every criterion once, queues the `criteria` event, and the
