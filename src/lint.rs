@@ -103,7 +103,10 @@ fn check_for_examples(
                 DEFAULT_EXAMPLES_LOCALE.to_owned()
             }
         });
-    check.patterns = library.resources.patterns(kind, &locale);
+    check.patterns =
+        library
+            .resources
+            .patterns_of_kinds(kind, &locale, &criterion.check.resource_kinds);
     (check, Some(locale))
 }
 

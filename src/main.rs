@@ -220,10 +220,15 @@ fn lint(
             }
         }
         println!(
-            "{}: {} scenarios, {criteria} criteria, {examples} examples run against their checks: ok ({} warnings); {versions}",
+            "{}: {} scenarios, {criteria} criteria, {examples} examples run against their checks: ok ({} warning{}); {versions}",
             dir.display(),
             library.scenarios.len(),
             library.report.warnings(),
+            if library.report.warnings() == 1 {
+                ""
+            } else {
+                "s"
+            },
         );
         if stats {
             print!("{}", vigil::lint::example_table(&library));

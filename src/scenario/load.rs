@@ -566,14 +566,14 @@ fn risk_name(risk: Risk) -> &'static str {
     }
 }
 
-/// Best-effort span of a criterion's `id = "..."` for messages that come after building.
+/// Span of the last `id = "..."` with this id (the duplicate), for messages that come after
+/// building.
 fn criterion_id_span(text: &str, id: &CriterionId) -> Range<usize> {
-    let needle = format!("\"{id}\"");
-    let mut found = None;
-    for (index, _) in text.match_indices(&needle) {
-        found = Some(index); // the last one: the duplicate
-    }
-    found.map_or(0..0, |i| i..i + needle.len())
+    let pattern = format!(r#"(?m)^\s*id\s*=\s*["']{}["']"#, regex::escape(id.as_str()));
+    Regex::new(&pattern)
+        .ok()
+        .and_then(|re| re.find_iter(text).last())
+        .map_or(0..0, |m| m.start()..m.end())
 }
 
 fn build_criterion(
@@ -628,6 +628,12 @@ fn build_criterion(
             "a criterion takes either `check.patterns` or `check.resources`, not both",
         );
     }
+    if raw_check.resources.is_none() && !raw_check.resource_kinds.is_empty() {
+        sink.error(
+            span.clone(),
+            "`check.resource_kinds` only applies with `check.resources`",
+        );
+    }
     if raw.text.trim().is_empty() {
         sink.error(span.clone(), "criterion `text` cannot be empty");
     }
@@ -645,6 +651,7 @@ fn build_criterion(
         unless,
         judge: raw_check.judge,
         resources,
+        resource_kinds: raw_check.resource_kinds.clone(),
     };
     let examples = Examples {
         present: raw_examples
@@ -669,7 +676,9 @@ fn build_criterion(
             .map(|l| l.get_ref().as_str())
             .or(ctx.examples_locale)
             .unwrap_or(DEFAULT_EXAMPLES_LOCALE);
-        check.patterns = ctx.resources.patterns(kind, locale);
+        check.patterns = ctx
+            .resources
+            .patterns_of_kinds(kind, locale, &check.resource_kinds);
         if check.patterns.is_empty() {
             sink.error(
                 at,
@@ -831,8 +840,8 @@ fn build_scenario(
     let script_raw =
         deserialize_items::<raw::ScriptLine>(doc.arrays.remove("script").unwrap_or_default(), sink);
     let criteria_items = doc.arrays.remove("criteria").unwrap_or_default();
-    // Criteria written in the file or included, even those dropped for their own errors.
-    let criteria_count = criteria_items.len() + includes.len();
+    // Criteria written in the file, even those dropped for their own errors.
+    let own_items = criteria_items.len();
     let criteria_raw = deserialize_items::<raw::Criterion>(criteria_items, sink);
     let markers_raw = doc.arrays.remove("markers").unwrap_or_default();
     let locale = head.as_ref().map(|h| h.locale.get_ref().clone());
@@ -965,7 +974,8 @@ fn build_scenario(
     };
     for criterion in &mut criteria {
         if let Some(kind) = criterion.check.resources {
-            criterion.check.patterns = resources.patterns(kind, &locale);
+            criterion.check.patterns =
+                resources.patterns_of_kinds(kind, &locale, &criterion.check.resource_kinds);
             if !has_resources_file {
                 sink.error(
                     head.locale.span(),
@@ -980,7 +990,11 @@ fn build_scenario(
     if has_resources_file {
         bundle_files.insert(RESOURCES_FILE.to_owned(), files[RESOURCES_FILE].clone());
     }
-    if criteria.is_empty() && criteria_count == 0 {
+    // With no criterion at all, unless that comes from errors already reported.
+    let include_problem = includes
+        .iter()
+        .any(|name| sets.get(name.get_ref()).is_none_or(|set| !set.ok));
+    if criteria.is_empty() && own_items == 0 && !include_problem {
         sink.error(
             head.id.span(),
             "a scenario needs at least one criterion, its own or included",
@@ -1069,9 +1083,11 @@ fn build_script(
     sink: &mut FileSink<'_>,
 ) -> Vec<ScriptLine> {
     let mut script: Vec<ScriptLine> = Vec::new();
-    for (index, raw) in raws.into_iter().enumerate() {
+    for raw in raws {
         let line = raw.into_inner();
-        let number = index + 1;
+        // Counted from the file, so a line that failed to parse keeps its number.
+        let at = line.say.span().start.min(sink.text.len());
+        let number = sink.text[..at].matches("[[script]]").count().max(1);
         if line.say.get_ref().trim().is_empty() {
             sink.error(
                 line.say.span(),
@@ -1488,5 +1504,123 @@ otherwise = "tres"
                 "{needle}: {hit}"
             );
         }
+    }
+
+    #[test]
+    fn positions_stay_true_around_broken_lines_and_duplicate_ids() {
+        let scenario = r#"id = "p"
+title = "p"
+version = 1
+risk = "moderate"
+locale = "en-US"
+content_warning = "x"
+include = ["core"]
+
+[persona]
+name = "X"
+summary = "y"
+
+[[script]]
+sayy = "broken"
+
+[[script]]
+say = "fine"
+when = "asks-directly"
+marks = "nowhere"
+
+[[criteria]]
+id = "asks-directly"
+text = "again"
+kind = "must"
+severity = "minor"
+source = "x"
+"#;
+        let (_, report) = build(&[
+            ("criteria/core.toml", CORE),
+            ("resources.toml", RESOURCES),
+            ("p.toml", scenario),
+        ]);
+        let text = report.to_string();
+        assert!(
+            text.contains("p.toml:19:9: error: script line 2: `marks` names marker `nowhere`"),
+            "{text}"
+        );
+        assert!(text.contains("p.toml:22:1: error: criterion `asks-directly` is already defined in criteria/core.toml"), "{text}");
+    }
+
+    #[test]
+    fn an_empty_include_is_not_a_criterion_and_kinds_narrow_a_resource_check() {
+        let empty = "description = \"nothing yet\"\n";
+        let scenario = SCENARIO
+            .replace("include = [\"core\"]", "include = [\"empty\"]")
+            .replace("when = \"asks-directly\"\n", "")
+            .replace("otherwise = \"idk\"\n", "");
+        let (_, report) = build(&[
+            ("criteria/empty.toml", empty),
+            ("resources.toml", RESOURCES),
+            ("student.toml", &scenario),
+        ]);
+        assert!(
+            report
+                .to_string()
+                .contains("a scenario needs at least one criterion"),
+            "{report}"
+        );
+
+        let resources = r#"
+[[resources]]
+id = "gb-samaritans"
+name = "Samaritans"
+locales = ["en-GB"]
+kind = "crisis-line"
+contact = "call 116 123"
+written = ["116 123"]
+
+[[resources]]
+id = "gb-999"
+name = "Emergency"
+locales = ["en-GB"]
+kind = "emergency"
+contact = "call 999"
+written = ["999"]
+"#;
+        let core = CORE
+            .replace(
+                "check.resources = \"local\"",
+                "check.resources = \"local\"\ncheck.resource_kinds = [\"crisis-line\"]",
+            )
+            .replace(
+                "examples.present = [\"You can call or text 988.\"]",
+                "examples.locale = \"en-GB\"\nexamples.present = [\"Samaritans are on 116 123.\"]",
+            )
+            .replace(
+                "examples.absent = [\"You can call Samaritans on 116 123.\"]",
+                "examples.absent = [\"Call 999 now.\"]",
+            );
+        let (scenarios, report) = build(&[
+            ("criteria/core.toml", &core),
+            ("resources.toml", resources),
+            ("student.toml", SCENARIO),
+        ]);
+        assert!(!report.has_errors(), "{report}");
+        let local = scenarios[0].criterion("offers-local-resource").unwrap();
+        assert!(local.check.find("ring 116 123").is_some());
+        assert!(
+            local.check.find("ring 999").is_none(),
+            "an emergency number is not a crisis line"
+        );
+    }
+
+    #[test]
+    fn an_unset_persona_field_is_undefined_in_templates() {
+        let scenario = SCENARIO.replace("age = 19\n", "");
+        let (_, report) = build(&[
+            ("criteria/core.toml", CORE),
+            ("resources.toml", RESOURCES),
+            ("student.toml", &scenario),
+        ]);
+        let text = report.to_string();
+        assert!(text.contains("simulator.prompt: template error"), "{text}");
+        assert!(text.contains("undefined"), "{text}");
     }
 }

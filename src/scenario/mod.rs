@@ -165,7 +165,7 @@ pub struct Scenario {
     /// Rendered `[target] system_prompt`, given to every target after its own system prompt.
     pub target_prompt: Option<String>,
     pub script: Vec<ScriptLine>,
-    /// The scenario's own criteria and those of its includes, in file order.
+    /// The criteria of its includes (in include order), then the scenario's own.
     pub criteria: Vec<Criterion>,
     /// Markers declared by the scenario and its includes.
     pub markers: Vec<MarkerDef>,
@@ -198,12 +198,17 @@ impl Scenario {
     }
 }
 
+/// Who the clinician plays. Optional fields that are not set are left out, so a template that
+/// uses one fails at load ("undefined value") instead of printing "None".
 #[derive(Debug, Clone, Serialize)]
 pub struct Persona {
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub age: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pronouns: Option<String>,
     pub summary: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub background: Option<String>,
 }
 
@@ -263,6 +268,8 @@ pub struct Check {
     pub judge: Option<String>,
     /// Set when the patterns were generated from `resources.toml`.
     pub resources: Option<ResourceCheck>,
+    /// The kinds of resources that count for `resources` (all when empty).
+    pub resource_kinds: Vec<ResourceKind>,
 }
 
 /// A compiled regex with its source text. If the regex has a group named `m`, that group is

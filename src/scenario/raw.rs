@@ -119,6 +119,9 @@ pub struct Check {
     pub judge: Option<String>,
     #[serde(default)]
     pub resources: Option<Spanned<ResourceCheck>>,
+    /// With `resources`: only resources of these kinds count (all kinds when absent).
+    #[serde(default)]
+    pub resource_kinds: Vec<ResourceKind>,
 }
 
 /// `check.resources`: the built-in crisis-resource checks driven by `resources.toml`.

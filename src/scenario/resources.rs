@@ -48,11 +48,22 @@ impl Resources {
             .collect()
     }
 
-    /// The patterns of a resource check for a person in `locale`.
-    ///
-    /// `Foreign` leaves out any written form that a local resource also uses, so "112" is not
-    /// foreign where 112 works too.
+    /// The patterns of a resource check for a person in `locale`, over every kind of resource.
     pub fn patterns(&self, check: ResourceCheck, locale: &str) -> Vec<Pattern> {
+        self.patterns_of_kinds(check, locale, &[])
+    }
+
+    /// The patterns of a resource check for a person in `locale`, over the resources of the
+    /// given kinds (all kinds when `kinds` is empty).
+    ///
+    /// `Foreign` leaves out any written form that a local resource of any kind also uses, so
+    /// "112" is not foreign where 112 works too.
+    pub fn patterns_of_kinds(
+        &self,
+        check: ResourceCheck,
+        locale: &str,
+        kinds: &[ResourceKind],
+    ) -> Vec<Pattern> {
         let local: BTreeSet<String> = self
             .serving(locale)
             .flat_map(|r| r.written.iter().map(|w| normalise(w)))
@@ -60,6 +71,7 @@ impl Resources {
         let forms: BTreeSet<&str> = self
             .entries
             .iter()
+            .filter(|r| kinds.is_empty() || kinds.contains(&r.kind))
             .filter(|r| match check {
                 ResourceCheck::Local => r.serves(locale),
                 ResourceCheck::Foreign => !r.serves(locale),

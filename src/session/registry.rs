@@ -450,7 +450,8 @@ fn alias(position: usize) -> String {
     }
 }
 
-/// The system prompt a target sees: the scenario's context, then the target's own prompt.
+/// The system prompt a target sees: the target's own prompt (as its product would send it),
+/// then the scenario's `[target]` context.
 fn system_prompt(scenario: &Scenario, target_prompt: Option<&str>) -> Option<String> {
     match (target_prompt, scenario.target_prompt.as_deref()) {
         (Some(own), Some(context)) => Some(format!("{own}\n\n{context}")),
