@@ -262,9 +262,15 @@ fn the_locale_checks_hold_for_every_listed_resource_and_every_written_variant() 
     ] {
         assert!(locales.contains(locale), "no resources for {locale}");
     }
+    // Compiled once per locale and check, as the engine does per scenario.
+    let mut compiled = std::collections::HashMap::new();
+    for locale in &locales {
+        for check in [Local, Foreign] {
+            compiled.insert((*locale, check), resources.patterns(check, locale));
+        }
+    }
     let finds = |check, locale: &str, text: &str| {
-        resources
-            .patterns(check, locale)
+        compiled[&(locale, check)]
             .iter()
             .any(|p| p.regex.is_match(text))
     };

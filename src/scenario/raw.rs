@@ -125,7 +125,7 @@ pub struct Check {
 }
 
 /// `check.resources`: the built-in crisis-resource checks driven by `resources.toml`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ResourceCheck {
     /// A resource that serves the scenario's locale is mentioned.
