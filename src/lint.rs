@@ -204,8 +204,15 @@ pub fn example_table(library: &Library) -> String {
     out
 }
 
+/// A criterion explained: the text to print, and how many of its examples misbehave.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub text: String,
+    pub misbehaving: usize,
+}
+
 /// A criterion in full, and how its check behaves on each of its examples.
-pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<String, String> {
+pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Explanation, String> {
     let found = distinct_criteria(library)
         .into_iter()
         .filter(|(c, _)| c.id.as_str() == id)
@@ -252,10 +259,20 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Stri
         );
     }
     if check.patterns.is_empty() {
-        let _ = writeln!(
-            out,
-            "  no patterns: only a judge or a human rates this criterion"
-        );
+        match &check_locale {
+            Some(locale) => {
+                let _ = writeln!(
+                    out,
+                    "  no resource of these kinds serves {locale}: the check finds nothing there"
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  no patterns: only a judge or a human rates this criterion"
+                );
+            }
+        }
     }
     for (i, p) in check.patterns.iter().enumerate() {
         let _ = writeln!(out, "  pattern {}: {}", i + 1, p.source);
@@ -271,6 +288,16 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Stri
         if examples.is_empty() {
             continue;
         }
+        if check.patterns.is_empty() {
+            let _ = writeln!(
+                out,
+                "  examples.{kind} (not run: there is no check; kept for judges and reviewers):"
+            );
+            for example in examples {
+                let _ = writeln!(out, "    -    {example:?}");
+            }
+            continue;
+        }
         let _ = writeln!(
             out,
             "  examples.{kind} (the check must {}find them):",
@@ -279,7 +306,7 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Stri
         for example in examples {
             let matches = check.explain(example);
             let found = matches.iter().any(|(_, veto)| veto.is_none());
-            let ok = check.patterns.is_empty() || found == want;
+            let ok = found == want;
             failures += usize::from(!ok);
             let _ = writeln!(out, "    {} {example:?}", if ok { "ok  " } else { "FAIL" });
             for (m, veto) in matches {
@@ -306,7 +333,10 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Stri
             }
         );
     }
-    Ok(out)
+    Ok(Explanation {
+        text: out,
+        misbehaving: failures,
+    })
 }
 
 /// `must_not`, `critical`, ...: the word as written in files.

@@ -207,7 +207,8 @@ fn lint(
         for warning in &library.report.diagnostics {
             println!("{warning}");
         }
-        let versions = check_versions(config, &library);
+        let (versions, version_warnings) = check_versions(config, &library);
+        let warnings = library.report.warnings() + version_warnings;
         // Each definition once, though shared sets are included by many scenarios.
         let mut seen = std::collections::HashSet::new();
         let (mut criteria, mut examples) = (0, 0);
@@ -223,19 +224,20 @@ fn lint(
             "{}: {} scenarios, {criteria} criteria, {examples} examples run against their checks: ok ({} warning{}); {versions}",
             dir.display(),
             library.scenarios.len(),
-            library.report.warnings(),
-            if library.report.warnings() == 1 {
-                ""
-            } else {
-                "s"
-            },
+            warnings,
+            if warnings == 1 { "" } else { "s" },
         );
         if stats {
             print!("{}", vigil::lint::example_table(&library));
         }
         if let Some(id) = explain {
             match vigil::lint::explain(&library, id, locale) {
-                Ok(text) => print!("{text}"),
+                Ok(explanation) => {
+                    print!("{}", explanation.text);
+                    if explanation.misbehaving > 0 {
+                        failed = true;
+                    }
+                }
                 Err(message) => {
                     eprintln!("vigil: {message}");
                     return ExitCode::from(2);
@@ -252,25 +254,32 @@ fn lint(
 
 /// Compares the scenarios with the versions stored in the configured database, if there is
 /// one: prints a warning for each scenario changed under an old `version`, and returns a word
-/// on what was checked. A missing SQLite file is not created by linting.
-fn check_versions(config: &Config, library: &vigil::scenario::Library) -> String {
+/// on what was checked and how many warnings it printed. A missing SQLite file is not created
+/// by linting.
+fn check_versions(config: &Config, library: &vigil::scenario::Library) -> (String, usize) {
     let url = &config.server.database_url;
     let shown = vigil::config::mask_url_password(url);
-    if let Some(path) = url
-        .strip_prefix("sqlite://")
-        .map(|p| p.split('?').next().unwrap_or(p))
-        && !std::path::Path::new(path).exists()
-    {
-        return format!("versions not compared: no database at {path} yet");
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest
+            .trim_start_matches("//")
+            .split('?')
+            .next()
+            .unwrap_or(rest);
+        if !std::path::Path::new(path).exists() {
+            return (
+                format!("versions not compared: no database at {path} yet"),
+                0,
+            );
+        }
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
-        Err(err) => return format!("versions not compared: {err}"),
+        Err(err) => return (format!("versions not compared: {err}"), 0),
     };
     runtime.block_on(async {
         let store = match Store::connect(url).await {
             Ok(store) => store,
-            Err(err) => return format!("versions not compared: {err}"),
+            Err(err) => return (format!("versions not compared: {err}"), 0),
         };
         let result = vigil::lint::version_warnings(library, &store).await;
         store.close().await;
@@ -279,12 +288,15 @@ fn check_versions(config: &Config, library: &vigil::scenario::Library) -> String
                 for warning in &warnings {
                     println!("{warning}");
                 }
-                format!(
-                    "versions compared with {shown}: {} changed without a new version",
-                    warnings.len()
+                (
+                    format!(
+                        "versions compared with {shown}: {} changed without a new version",
+                        warnings.len()
+                    ),
+                    warnings.len(),
                 )
             }
-            Err(err) => format!("versions not compared: {err}"),
+            Err(err) => (format!("versions not compared: {err}"), 0),
         }
     })
 }

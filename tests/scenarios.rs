@@ -505,4 +505,35 @@ fn lint_explains_a_criterion_and_counts_how_its_examples_behave() {
         String::from_utf8_lossy(&output.stderr)
             .contains("no scenario uses a criterion `no-such-criterion`")
     );
+
+    // The same examples judged for another locale: the explanation shows them failing, and
+    // the command says so with its exit status.
+    let output = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("lint")
+        .arg(fixture_scenarios())
+        .args([
+            "--explain",
+            "offers-local-resource",
+            "--locale",
+            "en-GB",
+            "--database-url",
+            "sqlite:/nonexistent/v.db",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("check: crisis resources (local) for en-GB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAIL \"You can call or text 988 any time.\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("versions not compared: no database at /nonexistent/v.db yet"),
+        "sqlite: without slashes is not created: {stdout}"
+    );
+    assert!(!std::path::Path::new("/nonexistent").exists());
 }

@@ -131,7 +131,9 @@ struct CriterionDetail {
     patterns: Vec<String>,
     unless: Vec<String>,
     resources: Option<crate::scenario::ResourceCheck>,
+    resource_kinds: Vec<crate::scenario::ResourceKind>,
     examples: BTreeMap<&'static str, Vec<String>>,
+    examples_locale: Option<String>,
     origin: String,
 }
 
@@ -161,6 +163,8 @@ fn detail(s: &Scenario, current: bool) -> ScenarioDetail {
                 patterns: c.check.patterns.iter().map(|p| p.source.clone()).collect(),
                 unless: c.check.unless.iter().map(|p| p.source.clone()).collect(),
                 resources: c.check.resources,
+                resource_kinds: c.check.resource_kinds.clone(),
+                examples_locale: c.examples.locale.clone(),
                 examples: [
                     ("present", c.examples.present.clone()),
                     ("absent", c.examples.absent.clone()),

@@ -566,14 +566,28 @@ fn risk_name(risk: Risk) -> &'static str {
     }
 }
 
-/// Span of the last `id = "..."` with this id (the duplicate), for messages that come after
-/// building.
+/// Span of the last `id = "..."` with this id inside a `[[criteria]]` table (the duplicate), for
+/// messages that come after building.
 fn criterion_id_span(text: &str, id: &CriterionId) -> Range<usize> {
-    let pattern = format!(r#"(?m)^\s*id\s*=\s*["']{}["']"#, regex::escape(id.as_str()));
-    Regex::new(&pattern)
-        .ok()
-        .and_then(|re| re.find_iter(text).last())
-        .map_or(0..0, |m| m.start()..m.end())
+    let pattern = format!(r#"^\s*id\s*=\s*["']{}["']"#, regex::escape(id.as_str()));
+    let Ok(re) = Regex::new(&pattern) else {
+        return 0..0;
+    };
+    let mut table = "";
+    let mut offset = 0;
+    let mut found = 0..0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            table = trimmed.trim_end();
+        } else if table == "[[criteria]]"
+            && let Some(m) = re.find(line)
+        {
+            found = offset + m.start()..offset + m.end();
+        }
+        offset += line.len();
+    }
+    found
 }
 
 fn build_criterion(
@@ -976,6 +990,19 @@ fn build_scenario(
         if let Some(kind) = criterion.check.resources {
             criterion.check.patterns =
                 resources.patterns_of_kinds(kind, &locale, &criterion.check.resource_kinds);
+            if criterion.check.patterns.is_empty()
+                && kind == crate::scenario::ResourceCheck::Local
+                && resources.serving(&locale).next().is_some()
+            {
+                sink.warning(
+                    head.locale.span(),
+                    format!(
+                        "criterion `{}` counts only resources of kinds {}, and none of them serves `{locale}`: it can never be met",
+                        criterion.id,
+                        serde_json::to_string(&criterion.check.resource_kinds).unwrap_or_default()
+                    ),
+                );
+            }
             if !has_resources_file {
                 sink.error(
                     head.locale.span(),
@@ -1087,7 +1114,11 @@ fn build_script(
         let line = raw.into_inner();
         // Counted from the file, so a line that failed to parse keeps its number.
         let at = line.say.span().start.min(sink.text.len());
-        let number = sink.text[..at].matches("[[script]]").count().max(1);
+        let number = sink.text[..at]
+            .lines()
+            .filter(|l| l.trim_start().starts_with("[[script]]"))
+            .count()
+            .max(1);
         if line.say.get_ref().trim().is_empty() {
             sink.error(
                 line.say.span(),
@@ -1622,5 +1653,23 @@ written = ["999"]
         let text = report.to_string();
         assert!(text.contains("simulator.prompt: template error"), "{text}");
         assert!(text.contains("undefined"), "{text}");
+    }
+
+    #[test]
+    fn resource_kinds_that_leave_a_locale_without_resources_are_a_warning() {
+        let core = CORE.replace(
+            "check.resources = \"local\"",
+            "check.resources = \"local\"\ncheck.resource_kinds = [\"text-line\"]",
+        );
+        let (_, report) = build(&[
+            ("criteria/core.toml", &core),
+            ("resources.toml", RESOURCES),
+            ("student.toml", SCENARIO),
+        ]);
+        let text = report.to_string();
+        assert!(
+            text.contains("criterion `offers-local-resource` counts only resources of kinds [\"text-line\"], and none of them serves `en-GB`"),
+            "{text}"
+        );
     }
 }

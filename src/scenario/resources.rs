@@ -135,7 +135,7 @@ fn written_patterns<'a>(forms: impl IntoIterator<Item = &'a str>) -> Vec<Pattern
     let mut patterns = Vec::new();
     if !numbers.is_empty() {
         patterns.push(format!(
-            r"(?:^|[^0-9\s.,\-$£€#]|(?:^|[^0-9])[\s\-]+)(?P<m>{})(?:$|[^0-9\s.\-]|[\s.\-]+(?:[^0-9]|$))",
+            r"(?:^|[^0-9\s.,\-$£€#]|(?:^|[^0-9])[\s\-]+)(?P<m>{})(?:$|[^0-9\s.,\-]|[\s.,\-]+(?:[^0-9]|$))",
             longest_first(numbers).join("|")
         ));
     }
