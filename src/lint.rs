@@ -10,11 +10,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::scenario::{Check, Criterion, Diagnostic, Level, Library, Scenario, SourceBundle};
+use crate::scenario::{Check, Criterion, Diagnostic, Level, Library, SourceBundle};
 use crate::store::{Store, StoreError};
-
-/// Locale the examples of a criteria set's resource check are written for, unless they say.
-const DEFAULT_EXAMPLES_LOCALE: &str = "en-US";
 
 /// Warnings for every scenario whose files differ from a stored version with the same number:
 /// sessions recorded under that number ran with other text, so its `version` must be raised.
@@ -81,28 +78,22 @@ fn version_position(text: &str) -> (usize, usize) {
 }
 
 /// The check a criterion's examples are run against: its patterns, or for a resource check
-/// the resources of the examples' locale (`--locale`, `examples.locale`, the locale of the
-/// scenario that defines it, or en-US for a criteria set).
+/// the resources of `locale` if given, else of the locale the loader checked its examples in.
 fn check_for_examples(
     library: &Library,
     criterion: &Criterion,
-    defined_in: &Scenario,
     locale: Option<&str>,
 ) -> (Check, Option<String>) {
     let mut check = criterion.check.clone();
     let Some(kind) = criterion.check.resources else {
         return (check, None);
     };
-    let locale = locale
+    let Some(locale) = locale
         .map(str::to_owned)
         .or_else(|| criterion.examples.locale.clone())
-        .unwrap_or_else(|| {
-            if criterion.origin == defined_in.bundle.main {
-                defined_in.locale.clone()
-            } else {
-                DEFAULT_EXAMPLES_LOCALE.to_owned()
-            }
-        });
+    else {
+        return (check, None);
+    };
     check.patterns =
         library
             .resources
@@ -110,19 +101,28 @@ fn check_for_examples(
     (check, Some(locale))
 }
 
-/// Every distinct criterion of the library (a shared one once), with a scenario using it.
-fn distinct_criteria(library: &Library) -> Vec<(&Criterion, &Scenario)> {
+/// Every distinct criterion of the library: a shared one once, though many scenarios include it.
+fn distinct_criteria(library: &Library) -> Vec<&Criterion> {
     let mut seen = BTreeSet::new();
     let mut all = Vec::new();
-    for scenario in library.scenarios.values() {
-        for criterion in &scenario.criteria {
-            if seen.insert((criterion.origin.clone(), criterion.id.to_string())) {
-                all.push((criterion, scenario.as_ref()));
-            }
+    for criterion in library.scenarios.values().flat_map(|s| s.criteria.iter()) {
+        if seen.insert((criterion.origin.as_str(), criterion.id.as_str())) {
+            all.push(criterion);
         }
     }
-    all.sort_by(|a, b| (&a.0.origin, &a.0.id).cmp(&(&b.0.origin, &b.0.id)));
+    all.sort_by(|a, b| (&a.origin, &a.id).cmp(&(&b.origin, &b.id)));
     all
+}
+
+/// How many distinct criteria the library has, and how many examples are run against checks.
+pub fn counts(library: &Library) -> (usize, usize) {
+    let criteria = distinct_criteria(library);
+    let examples = criteria
+        .iter()
+        .filter(|c| c.has_patterns() || c.check.resources.is_some())
+        .map(|c| c.examples.present.len() + c.examples.absent.len())
+        .sum();
+    (criteria.len(), examples)
 }
 
 /// How a criterion's examples behave: present ones found, absent ones left alone.
@@ -142,9 +142,9 @@ pub struct ExampleCounts {
 pub fn example_counts(library: &Library) -> Vec<ExampleCounts> {
     distinct_criteria(library)
         .into_iter()
-        .filter(|(c, _)| c.has_patterns() || c.check.resources.is_some())
-        .map(|(criterion, scenario)| {
-            let (check, _) = check_for_examples(library, criterion, scenario, None);
+        .filter(|c| c.has_patterns() || c.check.resources.is_some())
+        .map(|criterion| {
+            let (check, _) = check_for_examples(library, criterion, None);
             ExampleCounts {
                 criterion: criterion.id.to_string(),
                 origin: criterion.origin.clone(),
@@ -215,9 +215,9 @@ pub struct Explanation {
 pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Explanation, String> {
     let found = distinct_criteria(library)
         .into_iter()
-        .filter(|(c, _)| c.id.as_str() == id)
+        .filter(|c| c.id.as_str() == id)
         .collect::<Vec<_>>();
-    let Some(&(criterion, defined_in)) = found.first() else {
+    let Some(&criterion) = found.first() else {
         return Err(format!("no scenario uses a criterion `{id}`"));
     };
     let users: Vec<&str> = library
@@ -226,7 +226,7 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Expl
         .filter(|s| s.criteria.iter().any(|c| c.id.as_str() == id))
         .map(|s| s.id.as_str())
         .collect();
-    let (check, check_locale) = check_for_examples(library, criterion, defined_in, locale);
+    let (check, check_locale) = check_for_examples(library, criterion, locale);
     let mut out = String::new();
     let c = criterion;
     let _ = writeln!(out, "{} ({})", c.id, c.origin);

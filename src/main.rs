@@ -209,17 +209,7 @@ fn lint(
         }
         let (versions, version_warnings) = check_versions(config, &library);
         let warnings = library.report.warnings() + version_warnings;
-        // Each definition once, though shared sets are included by many scenarios.
-        let mut seen = std::collections::HashSet::new();
-        let (mut criteria, mut examples) = (0, 0);
-        for c in library.scenarios.values().flat_map(|s| s.criteria.iter()) {
-            if seen.insert((c.origin.as_str(), c.id.as_str())) {
-                criteria += 1;
-                if c.has_patterns() || c.check.resources.is_some() {
-                    examples += c.examples.present.len() + c.examples.absent.len();
-                }
-            }
-        }
+        let (criteria, examples) = vigil::lint::counts(&library);
         println!(
             "{}: {} scenarios, {criteria} criteria, {examples} examples run against their checks: ok ({} warning{}); {versions}",
             dir.display(),

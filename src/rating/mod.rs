@@ -108,9 +108,3 @@ pub struct Rating {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<String>,
 }
-
-impl Rating {
-    pub fn verdict(&self, criterion: &str) -> Option<&CriterionVerdict> {
-        self.verdicts.iter().find(|v| v.criterion == criterion)
-    }
-}

@@ -667,7 +667,7 @@ fn build_criterion(
         resources,
         resource_kinds: raw_check.resource_kinds.clone(),
     };
-    let examples = Examples {
+    let mut examples = Examples {
         present: raw_examples
             .present
             .iter()
@@ -693,6 +693,7 @@ fn build_criterion(
         check.patterns = ctx
             .resources
             .patterns_of_kinds(kind, locale, &check.resource_kinds);
+        examples.locale = Some(locale.to_owned());
         if check.patterns.is_empty() {
             sink.error(
                 at,

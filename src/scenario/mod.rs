@@ -184,10 +184,6 @@ impl Scenario {
         self.criteria.iter().find(|c| c.id.as_str() == id)
     }
 
-    pub fn criterion_index(&self, id: &str) -> Option<usize> {
-        self.criteria.iter().position(|c| c.id.as_str() == id)
-    }
-
     pub fn marker(&self, id: &str) -> Option<&MarkerDef> {
         self.markers.iter().find(|m| m.id.as_str() == id)
     }
@@ -359,7 +355,8 @@ pub struct Examples {
     pub present: Vec<String>,
     /// Answers in which it is absent: the patterns must not find it.
     pub absent: Vec<String>,
-    /// For resource checks: the locale the examples are written for.
+    /// For resource checks: the locale the examples are written and checked for
+    /// (`examples.locale`, else the defining scenario's, else en-US for a criteria set).
     pub locale: Option<String>,
 }
 

@@ -420,11 +420,6 @@ impl Sessions {
         Ok(scenario)
     }
 
-    /// The rules for a stored scenario (for the read API).
-    pub fn rules(&self, scenario: &Arc<Scenario>) -> Arc<RuleSet> {
-        self.rules_for(scenario)
-    }
-
     /// Asks every session to finish (answers in progress are stopped and saved as
     /// interrupted) and waits for them, at most `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
