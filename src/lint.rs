@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::scenario::{Check, Criterion, Diagnostic, Level, Library, SourceBundle};
+use crate::scenario::{Check, Criterion, Diagnostic, Level, Library, SourceBundle, word};
 use crate::store::{Store, StoreError};
 
 /// Warnings for every scenario whose files differ from a stored version with the same number:
@@ -240,11 +240,11 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Expl
     let _ = writeln!(
         out,
         "  {} · {} · {} · window: {window}{}",
-        json_word(&c.kind),
-        json_word(&c.scope),
-        json_word(&c.severity),
+        word(&c.kind),
+        word(&c.scope),
+        word(&c.severity),
         c.min_risk
-            .map_or(String::new(), |r| format!(" · from risk {}", json_word(&r)))
+            .map_or(String::new(), |r| format!(" · from risk {}", word(&r)))
     );
     let _ = writeln!(out, "  source: {}", c.source.as_deref().unwrap_or("(none)"));
     if let Some(judge) = &c.check.judge {
@@ -255,7 +255,7 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Expl
         let _ = writeln!(
             out,
             "  check: crisis resources ({}) for {locale}",
-            json_word(&kind)
+            word(&kind)
         );
     }
     if check.patterns.is_empty() {
@@ -337,12 +337,4 @@ pub fn explain(library: &Library, id: &str, locale: Option<&str>) -> Result<Expl
         text: out,
         misbehaving: failures,
     })
-}
-
-/// `must_not`, `critical`, ...: the word as written in files.
-fn json_word<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }

@@ -538,7 +538,7 @@ fn never_met(criterion: &Criterion, risk: Option<Risk>, earlier: &[ScriptLine]) 
     {
         return Some(format!(
             "never applies at this scenario's risk level (it needs {}): the `otherwise` line is always sent",
-            risk_name(min)
+            super::word(&min)
         ));
     }
     if !criterion.has_patterns() && criterion.check.resources.is_none() {
@@ -555,15 +555,6 @@ fn never_met(criterion: &Criterion, risk: Option<Risk>, earlier: &[ScriptLine]) 
         ));
     }
     None
-}
-
-fn risk_name(risk: Risk) -> &'static str {
-    match risk {
-        Risk::Low => "low",
-        Risk::Moderate => "moderate",
-        Risk::High => "high",
-        Risk::Imminent => "imminent",
-    }
 }
 
 /// Span of the last `id = "..."` with this id inside a `[[criteria]]` table (the duplicate), for

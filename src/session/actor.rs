@@ -1402,13 +1402,7 @@ impl Actor {
 fn outcomes_of(summaries: &[TargetSummary]) -> Vec<(String, String, Option<f64>)> {
     summaries
         .iter()
-        .map(|s| {
-            let outcome = serde_json::to_value(s.outcome)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            (s.target.clone(), outcome, s.score)
-        })
+        .map(|s| (s.target.clone(), crate::scenario::word(&s.outcome), s.score))
         .collect()
 }
 
