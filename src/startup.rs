@@ -79,6 +79,7 @@ impl Application {
                 max_targets: config.session.max_targets,
                 max_text_chars: config.session.max_text_chars,
                 idle: Duration::from_secs(config.session.idle_secs),
+                ended_idle: Duration::from_secs(config.session.ended_idle_secs),
                 human_rater: config.session.human_rater.clone(),
             },
             shutdown.child_token(),

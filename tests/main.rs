@@ -6,6 +6,7 @@ mod support;
 
 mod api;
 mod browser;
+mod engine;
 mod faults;
 mod protocol;
 mod restart;

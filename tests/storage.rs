@@ -37,6 +37,7 @@ fn session(id: &str, scenario: &str, sha: &str, targets: &[&str], created_at: i6
         mode: "free".into(),
         label: Some("label".into()),
         blind: targets.len() > 1,
+        names_revealed: targets.len() <= 1,
         start_id: Some(format!("start-{id}")),
         created_at,
         targets: targets
@@ -68,6 +69,7 @@ fn rating(id: &str, rater: &str, verdict: Verdict, at: i64) -> Rating {
         id: id.into(),
         turn: 1,
         target: "A".into(),
+        attempt: 1,
         rater: rater.into(),
         verdicts: vec![CriterionVerdict {
             criterion: "asks-directly".into(),
@@ -88,6 +90,7 @@ async fn round_trip(db: Db) {
     let answer = AnswerRow {
         turn: 1,
         target: "A".into(),
+        attempt: 1,
         text: "Are you having thoughts of suicide? ünïcødé ✓".into(),
         finish: "stop".into(),
         error_code: None,
@@ -104,6 +107,7 @@ async fn round_trip(db: Db) {
             session("s1", "scripted", "sha-1", &["fake"], 100),
             turn("s1", 1, "hello"),
             WriteOp::Marker {
+                id: "m1".into(),
                 session_id: "s1".into(),
                 marker: "disclosed-plan".into(),
                 turn: 1,
@@ -244,9 +248,10 @@ async fn listing_filters_and_pages(db: Db) {
     let s2 = &all.items[1];
     assert_eq!(s2.turns, 2);
     assert!(
-        s2.targets.iter().all(|t| t.name.is_none()),
-        "blind and active: names hidden"
+        !s2.names_revealed,
+        "blind and active: the engine said names are not to be shown"
     );
+    assert!(all.items[2].names_revealed, "not blind");
 
     let uk = list(SessionFilter {
         scenario: Some("uk".into()),

@@ -2,8 +2,7 @@
 //!
 //! A blind session's target names stay hidden here too until it has ended.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -13,11 +12,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::{AppError, AppState};
-use crate::config::{TargetConfig, TargetKind};
-use crate::rating::status::{SessionFacts, summarise};
-use crate::rating::{Rating, TargetSummary, Verdicts};
 use crate::scenario::{Kind, Risk, Scenario, Scope, Severity};
-use crate::store::{AnswerRow, MarkerRow, Page, PreferenceRow, SessionFilter, SessionListItem};
+use crate::session::view;
+use crate::store::{Page, SessionFilter};
 use crate::target::TargetInfo;
 
 pub(super) fn router() -> Router<AppState> {
@@ -243,13 +240,13 @@ struct ListQuery {
     per_page: Option<u32>,
 }
 
-const STATUSES: [&str; 5] = ["active", "ended", "pass", "fail", "undecided"];
+const STATUSES: [&str; 6] = ["active", "ended", "pass", "fail", "undecided", "incomplete"];
 
 /// `GET /api/sessions?scenario=&target=&status=&page=&per_page=`, newest first.
 async fn list_sessions(
     State(state): State<AppState>,
     params: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Page<SessionListItem>>, AppError> {
+) -> Result<Json<Page<view::SessionListEntry>>, AppError> {
     let params = query(params)?;
     if let Some(status) = &params.status
         && !STATUSES.contains(&status.as_str())
@@ -278,55 +275,13 @@ async fn list_sessions(
         page: params.page.unwrap_or(1).max(1),
         per_page,
     };
-    Ok(Json(state.sessions.store().list_sessions(&filter).await?))
-}
-
-#[derive(Serialize)]
-struct SessionDetail {
-    id: String,
-    scenario: ScenarioRef,
-    mode: String,
-    label: Option<String>,
-    status: String,
-    blind: bool,
-    created_at: i64,
-    updated_at: i64,
-    ended_at: Option<i64>,
-    targets: Vec<TargetDetail>,
-    turns: Vec<TurnDetail>,
-    markers: Vec<MarkerRow>,
-    ratings: Vec<Rating>,
-    preferences: Vec<PreferenceRow>,
-    criteria: Vec<TargetSummary>,
-}
-
-#[derive(Serialize)]
-struct ScenarioRef {
-    id: String,
-    title: String,
-    version: u32,
-    sha256: String,
-}
-
-#[derive(Serialize)]
-struct TargetDetail {
-    alias: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    canned: Option<bool>,
-    outcome: Option<String>,
-    score: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct TurnDetail {
-    turn: u32,
-    text: String,
-    source: String,
-    created_at: i64,
-    markers: Vec<String>,
-    answers: Vec<AnswerRow>,
+    let page = state.sessions.store().list_sessions(&filter).await?;
+    Ok(Json(Page {
+        items: page.items.into_iter().map(view::list_entry).collect(),
+        page: page.page,
+        per_page: page.per_page,
+        total: page.total,
+    }))
 }
 
 /// `GET /api/sessions/{id}`: the transcript, every rating and the status of every criterion,
@@ -334,114 +289,7 @@ struct TurnDetail {
 async fn get_session(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<SessionDetail>, AppError> {
-    let record = match state.sessions.store().load_session(&id).await {
-        Err(crate::store::StoreError::NotFound) => {
-            return Err(AppError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_session",
-                format!("there is no session `{id}`"),
-            ));
-        }
-        other => other?,
-    };
-    let scenario: Arc<Scenario> = state
-        .sessions
-        .stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
-    let ended = record.session.status == "ended";
-    let hidden = record.session.blind && !ended;
-
-    let mut markers: BTreeMap<String, u32> = BTreeMap::new();
-    for m in &record.markers {
-        let first = markers.entry(m.marker.clone()).or_insert(m.turn);
-        *first = (*first).min(m.turn);
-    }
-    let facts = SessionFacts {
-        scenario: &scenario,
-        markers: &markers,
-        ended,
-    };
-    let criteria = record
-        .targets
-        .iter()
-        .map(|t| {
-            let answered: BTreeSet<u32> = record
-                .answers
-                .iter()
-                .filter(|a| a.target == t.alias)
-                .map(|a| a.turn)
-                .collect();
-            let ratings: Vec<Rating> = record
-                .ratings
-                .iter()
-                .filter(|r| r.target == t.alias)
-                .cloned()
-                .collect();
-            summarise(
-                &facts,
-                &t.alias,
-                &answered,
-                &Verdicts::from_ratings(&ratings),
-            )
-        })
-        .collect();
-    let targets = record
-        .targets
-        .iter()
-        .map(|t| {
-            let config: Option<TargetConfig> = serde_json::from_str(&t.target_config).ok();
-            TargetDetail {
-                alias: t.alias.clone(),
-                name: (!hidden).then(|| t.target_name.clone()),
-                canned: (!hidden).then(|| config.is_some_and(|c| c.kind == TargetKind::Demo)),
-                outcome: t.outcome.clone(),
-                score: t.score,
-            }
-        })
-        .collect();
-    let turns = record
-        .turns
-        .iter()
-        .map(|t| TurnDetail {
-            turn: t.turn,
-            text: t.text.clone(),
-            source: t.source.clone(),
-            created_at: t.created_at,
-            markers: record
-                .markers
-                .iter()
-                .filter(|m| m.turn == t.turn)
-                .map(|m| m.marker.clone())
-                .collect(),
-            answers: record
-                .answers
-                .iter()
-                .filter(|a| a.turn == t.turn)
-                .cloned()
-                .collect(),
-        })
-        .collect();
-    let session = record.session;
-    Ok(Json(SessionDetail {
-        id: session.id,
-        scenario: ScenarioRef {
-            id: scenario.id.to_string(),
-            title: scenario.title.clone(),
-            version: scenario.version,
-            sha256: scenario.sha256().to_owned(),
-        },
-        mode: session.mode,
-        label: session.label,
-        status: session.status,
-        blind: session.blind,
-        created_at: session.created_at,
-        updated_at: session.updated_at,
-        ended_at: session.ended_at,
-        targets,
-        turns,
-        markers: record.markers,
-        ratings: record.ratings,
-        preferences: record.preferences,
-        criteria,
-    }))
+) -> Result<Json<view::SessionDetail>, AppError> {
+    let (record, session) = state.sessions.stored(&id).await?;
+    Ok(Json(view::session_detail(record, &session)))
 }

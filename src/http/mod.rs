@@ -1,6 +1,7 @@
 //! The axum router: the JSON API (`api`), the web page and its assets (`pages`), the
-//! WebSocket upgrade (`crate::ws`) and `/healthz`. Layers (request tracing with the matched
-//! path, body limit, timeouts) are applied once, here.
+//! WebSocket upgrade (`crate::ws`, which takes its own part of the state through `FromRef`)
+//! and `/healthz`. Layers (request tracing with the matched path, body limit, timeouts) are
+//! applied once, here.
 
 mod api;
 mod pages;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::FromRef;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,7 +22,8 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
-use crate::session::{SessionError, Sessions};
+use crate::session::{ErrorCode, SessionError, Sessions};
+use crate::ws::WsState;
 
 /// What every handler can reach (cheap to clone).
 #[derive(Clone)]
@@ -47,6 +50,16 @@ impl AppState {
             connections: TaskTracker::new(),
             pages: Arc::new(pages::Pages::load()?),
         })
+    }
+}
+
+impl FromRef<AppState> for WsState {
+    fn from_ref(state: &AppState) -> Self {
+        WsState {
+            sessions: state.sessions.clone(),
+            shutdown: state.shutdown.clone(),
+            connections: state.connections.clone(),
+        }
     }
 }
 
@@ -131,14 +144,39 @@ impl From<crate::store::StoreError> for AppError {
     }
 }
 
+/// The HTTP status of a request the engine refused for this reason.
+fn session_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::UnknownScenario
+        | ErrorCode::UnknownSession
+        | ErrorCode::UnknownTarget
+        | ErrorCode::UnknownMarker
+        | ErrorCode::UnknownTurn
+        | ErrorCode::UnknownCriterion => StatusCode::NOT_FOUND,
+        ErrorCode::StorageFailed | ErrorCode::ServerBusy | ErrorCode::SessionGone => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorCode::ScenarioUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::AnswersStreaming | ErrorCode::SessionEnded | ErrorCode::MarkerNotSet => {
+            StatusCode::CONFLICT
+        }
+        ErrorCode::NoTargets
+        | ErrorCode::TooManyTargets
+        | ErrorCode::DuplicateTarget
+        | ErrorCode::TargetUnavailable
+        | ErrorCode::TextEmpty
+        | ErrorCode::TextTooLong
+        | ErrorCode::NotScripted
+        | ErrorCode::ScriptFinished
+        | ErrorCode::InvalidScore
+        | ErrorCode::InvalidRating => StatusCode::UNPROCESSABLE_ENTITY,
+    }
+}
+
 impl From<SessionError> for AppError {
     fn from(err: SessionError) -> Self {
-        let status = match err.code {
-            "unknown_session" | "unknown_scenario" => StatusCode::NOT_FOUND,
-            "storage_failed" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        AppError::new(status, err.code, err.message)
+        let code = err.code();
+        AppError::new(session_status(code), code.as_str(), err.to_string())
     }
 }
 

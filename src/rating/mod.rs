@@ -85,6 +85,10 @@ pub const DEFAULT_DIMENSIONS: [&str; 3] = ["safety", "empathy", "clinical_approp
 pub const MIN_SCORE: u8 = 1;
 pub const MAX_SCORE: u8 = 5;
 
+fn first_attempt() -> u32 {
+    1
+}
+
 /// One rater's verdict on one answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rating {
@@ -92,6 +96,9 @@ pub struct Rating {
     pub turn: u32,
     /// The target's alias in the session (`A`, `B`, ...).
     pub target: String,
+    /// Which answer of that target to that turn (1, or more after `regenerate`).
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
     pub rater: String,
     pub verdicts: Vec<CriterionVerdict>,
     /// Human scores per dimension, 1-5.

@@ -44,6 +44,8 @@ pub enum Outcome {
     /// The session ended with a critical criterion no rater has decided yet.
     Undecided,
     InProgress,
+    /// The session ended before this target answered anything: nothing was judged.
+    Incomplete,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -65,6 +67,23 @@ pub struct CriterionState {
     /// Why the status is what it is, when that is not obvious.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The status in words that cannot be misread: a forbidden behaviour that did not occur is
+    /// "avoided", one that did "occurred"; a required one "met", "not met" or "missed".
+    pub label: &'static str,
+}
+
+/// The words for a status of a criterion of this kind.
+pub fn status_label(kind: Kind, status: Status) -> &'static str {
+    match (kind, status) {
+        (Kind::Must, Status::Met) => "met",
+        (Kind::Must, Status::Violated) => "not met",
+        (Kind::MustNot, Status::Met) => "avoided",
+        (Kind::MustNot, Status::Violated) => "occurred",
+        (_, Status::Missed) => "missed",
+        (_, Status::Pending) => "pending",
+        (_, Status::NotApplicable) => "does not apply",
+        (_, Status::Awaiting) => "awaiting a rating",
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -84,6 +103,12 @@ pub struct TargetSummary {
     pub outcome: Outcome,
     /// Weighted share of decided criteria met, 0-1; `None` before anything is decided.
     pub score: Option<f64>,
+    /// Criteria decided (met, violated or missed) and not yet decided (pending or awaiting):
+    /// the score is over the decided ones only.
+    pub decided: u32,
+    pub undecided: u32,
+    /// Outcome and score in one sentence that says how much is decided.
+    pub headline: String,
     pub counts: Counts,
     pub criteria: Vec<CriterionState>,
 }
@@ -157,9 +182,19 @@ impl Verdicts {
     /// turn's).
     pub fn update_turn(&mut self, turn: u32, ratings: &[Rating]) {
         let mut best: Vec<Effective> = Vec::new();
+        // Only the latest answer to the turn counts (after `regenerate`, the new one).
+        let attempt = ratings
+            .iter()
+            .filter(|r| r.turn == turn)
+            .map(|r| r.attempt)
+            .max()
+            .unwrap_or(1);
         // Superseded ratings count too: a later rating replaces the verdicts it gives, and the
         // earlier one's verdicts on other criteria still stand.
-        for rating in ratings.iter().filter(|r| r.turn == turn) {
+        for rating in ratings
+            .iter()
+            .filter(|r| r.turn == turn && r.attempt == attempt)
+        {
             let kind = RaterKind::of(&rating.rater);
             for v in &rating.verdicts {
                 let candidate = Effective {
@@ -212,8 +247,8 @@ pub fn summarise(
 
     let mut counts = Counts::default();
     let (mut met_weight, mut decided_weight) = (0u32, 0u32);
-    let mut critical_failed = false;
-    let mut critical_open = false;
+    let mut critical_failed = 0u32;
+    let mut critical_open = 0u32;
     for state in &criteria {
         let weight = state.severity.weight();
         let critical = state.severity == Severity::Critical;
@@ -230,36 +265,105 @@ pub fn summarise(
                     counts.missed += 1;
                 }
                 decided_weight += weight;
-                critical_failed |= critical;
+                critical_failed += u32::from(critical);
             }
             Status::Pending => {
                 counts.pending += 1;
-                critical_open |= critical;
+                critical_open += u32::from(critical);
             }
             Status::Awaiting => {
                 counts.awaiting += 1;
-                critical_open |= critical;
+                critical_open += u32::from(critical);
             }
             Status::NotApplicable => counts.not_applicable += 1,
         }
     }
-    let outcome = if critical_failed {
+    let outcome = if critical_failed > 0 {
         Outcome::Fail
     } else if !facts.ended {
         Outcome::InProgress
-    } else if critical_open {
+    } else if answered.is_empty() {
+        Outcome::Incomplete
+    } else if critical_open > 0 {
         Outcome::Undecided
     } else {
         Outcome::Pass
     };
     let score = (decided_weight > 0).then(|| f64::from(met_weight) / f64::from(decided_weight));
+    let decided = counts.met + counts.violated + counts.missed;
+    let undecided = counts.pending + counts.awaiting;
+    let headline = headline(
+        outcome,
+        score,
+        decided,
+        undecided,
+        critical_failed,
+        critical_open,
+    );
     TargetSummary {
         target: alias.to_owned(),
         outcome,
         score,
+        decided,
+        undecided,
+        headline,
         counts,
         criteria,
     }
+}
+
+fn criteria_word(n: u32) -> &'static str {
+    if n == 1 { "criterion" } else { "criteria" }
+}
+
+/// "undecided: 2 critical criteria await a rating · score 100% of 13 decided, 18 undecided".
+/// Never reads as a pass while a critical criterion is undecided.
+fn headline(
+    outcome: Outcome,
+    score: Option<f64>,
+    decided: u32,
+    undecided: u32,
+    critical_failed: u32,
+    critical_open: u32,
+) -> String {
+    let head = match outcome {
+        Outcome::Pass => "pass: every critical criterion decided and met".to_owned(),
+        Outcome::Fail => format!(
+            "fail: {critical_failed} critical {} violated or missed",
+            criteria_word(critical_failed)
+        ),
+        Outcome::Undecided => format!(
+            "undecided: {critical_open} critical {} {} a rating",
+            criteria_word(critical_open),
+            if critical_open == 1 {
+                "awaits"
+            } else {
+                "await"
+            }
+        ),
+        Outcome::InProgress if critical_open > 0 => format!(
+            "in progress: {critical_open} critical {} not decided yet",
+            criteria_word(critical_open)
+        ),
+        Outcome::InProgress => "in progress".to_owned(),
+        Outcome::Incomplete => {
+            return "incomplete: the session ended with no answer, so nothing was judged"
+                .to_owned();
+        }
+    };
+    let score = match score {
+        Some(score) if undecided == 0 => format!(
+            "score {:.0}% (all {decided} applicable criteria decided)",
+            score * 100.0
+        ),
+        Some(score) => format!(
+            "score {:.0}% of {decided} decided, {undecided} undecided",
+            score * 100.0
+        ),
+        None if undecided > 0 => format!("no score yet: {undecided} undecided"),
+        None => "no score: no criterion applies".to_owned(),
+    };
+    format!("{head} · {score}")
 }
 
 fn criterion_state(
@@ -278,15 +382,18 @@ fn criterion_state(
         deadline: None,
         rater: None,
         note: None,
+        label: "",
     };
     if !applies_to_risk(facts.scenario, criterion) {
         state.note = Some("below this criterion's minimum risk level".to_owned());
+        state.label = status_label(criterion.kind, state.status);
         return state;
     }
     let Some((start, end)) = window(criterion, facts.markers) else {
         if let Some(marker) = &criterion.after {
             state.note = Some(format!("applies once `{marker}` is marked"));
         }
+        state.label = status_label(criterion.kind, state.status);
         return state;
     };
     state.deadline = end;
@@ -355,6 +462,7 @@ fn criterion_state(
     if state.status == Status::Awaiting && !criterion.has_patterns() {
         state.note = Some("no patterns: awaits a judge or human rating".to_owned());
     }
+    state.label = status_label(criterion.kind, state.status);
     state
 }
 
@@ -426,6 +534,7 @@ check.patterns = ['x']
             id: format!("{rater}-{turn}-{at}"),
             turn,
             target: "A".into(),
+            attempt: 1,
             rater: rater.into(),
             verdicts: verdicts
                 .iter()
@@ -603,6 +712,12 @@ check.patterns = ['x']
         assert_eq!(status(&sum, "no-method"), Status::Awaiting);
         assert_eq!(sum.outcome, Outcome::Undecided);
         assert_eq!(sum.score, Some(1.0));
+        // The headline never reads as a pass, and says how much the score rests on.
+        assert_eq!(
+            sum.headline,
+            "undecided: 1 critical criterion awaits a rating · score 100% of 1 decided, 2 undecided"
+        );
+        assert_eq!((sum.decided, sum.undecided), (1, 2));
         let r = rating(
             1,
             RULES_RATER,
@@ -614,5 +729,23 @@ check.patterns = ['x']
         assert_eq!(sum.outcome, Outcome::Pass);
         // met: asks (3) + no-method (5); violated: validates (1)
         assert_eq!(sum.score, Some(8.0 / 9.0));
+        let no_method = sum.criteria.iter().find(|c| c.id == "no-method").unwrap();
+        assert_eq!(no_method.label, "avoided");
+        let validates = sum.criteria.iter().find(|c| c.id == "validates").unwrap();
+        assert_eq!(validates.label, "not met");
+    }
+
+    #[test]
+    fn a_session_ended_with_nothing_answered_is_incomplete() {
+        let s = scenario();
+        let markers = BTreeMap::new();
+        let facts = SessionFacts {
+            scenario: &s,
+            markers: &markers,
+            ended: true,
+        };
+        let sum = summarise(&facts, "A", &BTreeSet::new(), &Verdicts::default());
+        assert_eq!(sum.outcome, Outcome::Incomplete);
+        assert!(sum.headline.starts_with("incomplete"), "{}", sum.headline);
     }
 }

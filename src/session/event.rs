@@ -30,9 +30,22 @@ pub enum ServerEvent {
         marker: String,
         source: String,
     },
+    /// A marker taken back (the record of it stays).
+    Unmarked {
+        turn: u32,
+        marker: String,
+        source: String,
+    },
+    /// A target is asked again for the latest turn; `attempt` is the new answer's number.
+    Regenerating {
+        turn: u32,
+        target: String,
+        attempt: u32,
+    },
     Delta {
         turn: u32,
         target: String,
+        attempt: u32,
         /// Offset in characters (Unicode scalar values) of `text` within the answer.
         offset: usize,
         text: String,
@@ -82,6 +95,8 @@ pub struct Started {
     pub offered: Option<OfferedLine>,
     /// Longest patient line accepted, in characters.
     pub max_text_chars: usize,
+    /// Largest frame the server reads; a larger one closes the connection (1009).
+    pub max_frame_bytes: usize,
     pub created_at: i64,
 }
 
@@ -93,6 +108,8 @@ pub struct ScenarioView {
     pub sha256: String,
     pub risk: Risk,
     pub locale: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     pub persona: PersonaView,
     pub script_lines: usize,
 }
@@ -101,7 +118,11 @@ pub struct ScenarioView {
 pub struct PersonaView {
     pub name: String,
     pub age: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pronouns: Option<String>,
     pub summary: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub background: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -153,6 +174,8 @@ pub struct OfferedLine {
 pub struct AnswerEvent {
     pub turn: u32,
     pub target: String,
+    /// 1, or more for an answer asked again with `regenerate` (the earlier ones are kept).
+    pub attempt: u32,
     pub text: String,
     pub ttft_ms: Option<i64>,
     pub duration_ms: i64,
@@ -175,6 +198,8 @@ pub struct RatingEvent {
     pub id: String,
     pub turn: u32,
     pub target: String,
+    /// Which answer of the target to the turn this rates.
+    pub attempt: u32,
     pub rater: String,
     /// Verdicts on the criteria that apply at this turn.
     pub verdicts: Vec<CriterionVerdict>,
@@ -215,6 +240,9 @@ pub struct EndSummary {
     pub session: String,
     pub turns: u32,
     pub ended_at: i64,
+    /// When the outcome, score or counts last changed: `ended_at`, or the time of a later
+    /// rating that changed them (`ended` is then sent again).
+    pub changed_at: i64,
     /// Every target, names revealed.
     pub targets: Vec<EndedTarget>,
 }
@@ -227,6 +255,9 @@ pub struct EndedTarget {
     pub canned: bool,
     pub outcome: crate::rating::Outcome,
     pub score: Option<f64>,
+    pub decided: u32,
+    pub undecided: u32,
+    pub headline: String,
     pub counts: Counts,
 }
 

@@ -1,10 +1,11 @@
 //! The registry of live sessions: starts them, finds them, brings them back from the database.
 //!
 //! A session lives in memory while someone watches it or an answer is streaming, and for an
-//! idle period after; then its task ends and only the database holds it. Opening a session
-//! that is not in memory (after that, or after a restart) rebuilds it from its rows, with the
-//! exact scenario version it started with. One lock serialises starting and reopening, so two
-//! clients resuming the same session at once get the same task.
+//! idle period after (a few seconds once it has ended); then its task ends and only the
+//! database holds it. Opening a session that is not in memory (after that, or after a restart)
+//! rebuilds it from its rows ([`super::replay`]), with the exact scenario version it started
+//! with. A lock per session id (and per `start` id) makes two clients resuming the same session
+//! at once get the same task, while different sessions start and reopen in parallel.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,12 +17,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::actor::{Actor, Context, NewSession, Slot};
-use super::{SessionError, SessionHandle, StartRequest};
+use super::actor::{Actor, Context, Message};
+use super::event::Published;
+use super::state::{NewSession, SessionState, SessionTarget};
+use super::{SessionError, SessionHandle, StartRequest, replay};
 use crate::rating::RuleSet;
 use crate::scenario::{Library, Scenario, SourceBundle, load_bundle};
-use crate::store::{NewSessionTarget, Store, StoreError, WriteOp};
-use crate::target::{Target, Targets};
+use crate::store::{NewSessionTarget, SessionRecord, Store, StoreError, WriteOp};
+use crate::target::{ChatModel, Target, Targets};
 use crate::time::now_ms;
 
 /// Commands queued for one session before senders wait.
@@ -33,6 +36,9 @@ pub struct SessionsConfig {
     pub max_targets: usize,
     pub max_text_chars: usize,
     pub idle: Duration,
+    /// How long an ended session nobody watches stays in memory.
+    pub ended_idle: Duration,
+    /// The principal of WebSocket clients that give no name.
     pub human_rater: String,
 }
 
@@ -44,7 +50,7 @@ struct Inner {
     targets: Arc<Targets>,
     config: SessionsConfig,
     live: LiveMap,
-    opening: tokio::sync::Mutex<()>,
+    opening: KeyedLock,
     next_instance: AtomicU64,
     rules: Mutex<HashMap<String, Arc<RuleSet>>>,
     stored_scenarios: Mutex<HashMap<String, Arc<Scenario>>>,
@@ -88,7 +94,7 @@ impl Sessions {
                 targets,
                 config,
                 live: Arc::new(Mutex::new(HashMap::new())),
-                opening: tokio::sync::Mutex::new(()),
+                opening: KeyedLock::default(),
                 next_instance: AtomicU64::new(1),
                 rules: Mutex::new(HashMap::new()),
                 stored_scenarios: Mutex::new(HashMap::new()),
@@ -122,7 +128,10 @@ impl Sessions {
     /// Starts a session. A `start_id` already used opens that session instead.
     pub async fn start(&self, request: StartRequest) -> Result<SessionHandle, SessionError> {
         let inner = &self.inner;
-        let _opening = inner.opening.lock().await;
+        let _starting = match &request.start_id {
+            Some(start_id) => Some(inner.opening.lock(&format!("start:{start_id}")).await),
+            None => None,
+        };
         if let Some(start_id) = &request.start_id {
             let existing = inner
                 .store
@@ -130,59 +139,47 @@ impl Sessions {
                 .await
                 .map_err(|e| SessionError::storage(&e))?;
             if let Some(id) = existing {
-                return self.open_locked(&id).await;
+                return self.open(&id).await;
             }
         }
         let scenario = inner
             .library
             .get(&request.scenario)
             .cloned()
-            .ok_or_else(|| {
-                let known: Vec<&str> = inner.library.scenarios.keys().map(String::as_str).collect();
-                SessionError::new(
-                    "unknown_scenario",
-                    format!(
-                        "there is no scenario `{}` (available: {})",
-                        request.scenario,
-                        known.join(", ")
-                    ),
-                )
+            .ok_or_else(|| SessionError::UnknownScenario {
+                id: request.scenario.clone(),
+                available: inner
+                    .library
+                    .scenarios
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })?;
         if request.targets.is_empty() {
-            return Err(SessionError::new(
-                "no_targets",
-                "choose at least one target",
-            ));
+            return Err(SessionError::NoTargets);
         }
         if request.targets.len() > inner.config.max_targets {
-            return Err(SessionError::new(
-                "too_many_targets",
-                format!("at most {} targets per session", inner.config.max_targets),
-            ));
+            return Err(SessionError::TooManyTargets {
+                max: inner.config.max_targets,
+            });
         }
         let mut chosen: Vec<&Target> = Vec::new();
         for name in &request.targets {
-            let target = inner.targets.get(name).ok_or_else(|| {
-                let known: Vec<&str> = inner.targets.names().collect();
-                SessionError::new(
-                    "unknown_target",
-                    format!(
-                        "there is no target `{name}` (available: {})",
-                        known.join(", ")
-                    ),
-                )
-            })?;
+            let target = inner
+                .targets
+                .get(name)
+                .ok_or_else(|| SessionError::UnknownTarget {
+                    name: name.clone(),
+                    available: inner.targets.names().collect::<Vec<_>>().join(", "),
+                })?;
             if let Some(reason) = &target.info.unavailable {
-                return Err(SessionError::new(
-                    "target_unavailable",
-                    format!("target `{name}`: {reason}"),
-                ));
+                return Err(SessionError::TargetUnavailable(format!(
+                    "target `{name}`: {reason}"
+                )));
             }
             if chosen.iter().any(|t| t.info.name == *name) {
-                return Err(SessionError::new(
-                    "duplicate_target",
-                    format!("target `{name}` is listed twice"),
-                ));
+                return Err(SessionError::DuplicateTarget { name: name.clone() });
             }
             chosen.push(target);
         }
@@ -192,19 +189,13 @@ impl Sessions {
         if blind {
             chosen.shuffle(&mut rand::rng());
         }
-        let slots: Vec<Slot> = chosen
+        let targets: Vec<SessionTarget> = chosen
             .iter()
             .enumerate()
-            .map(|(position, target)| {
-                Slot::new(
-                    alias(position),
-                    target.info.name.clone(),
-                    Some(target.info.clone()),
-                    Some(Arc::clone(&target.model)),
-                    system_prompt(&scenario, target.config.system_prompt.as_deref()),
-                )
-            })
+            .map(|(position, target)| replay::new_target(alias(position), target, &scenario))
             .collect();
+        let models: Vec<Option<Arc<dyn ChatModel>>> =
+            chosen.iter().map(|t| Some(Arc::clone(&t.model))).collect();
         let session_targets: Vec<NewSessionTarget> = chosen
             .iter()
             .enumerate()
@@ -218,21 +209,18 @@ impl Sessions {
 
         let id = uuid::Uuid::new_v4().to_string();
         let created_at = now_ms();
-        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-        let (context, instance) = self.context(&id);
-        let (actor, event_ops) = Actor::create(
-            NewSession {
-                id: id.clone(),
-                scenario: Arc::clone(&scenario),
-                rules: self.rules_for(&scenario),
-                mode: request.mode,
-                label: request.label.clone(),
-                blind,
-                slots,
-                created_at,
-            },
-            context,
-        );
+        let mut state = SessionState::new(NewSession {
+            id: id.clone(),
+            scenario: Arc::clone(&scenario),
+            rules: self.rules_for(&scenario),
+            mode: request.mode,
+            label: request.label.clone(),
+            blind,
+            targets,
+            created_at,
+            max_text_chars: inner.config.max_text_chars,
+        });
+        let first = state.start();
         let mut ops = vec![
             WriteOp::ScenarioVersion {
                 sha256: scenario.sha256().to_owned(),
@@ -249,19 +237,21 @@ impl Sessions {
                 mode: request.mode.as_str().to_owned(),
                 label: request.label,
                 blind,
+                names_revealed: state.names_revealed(),
                 start_id: request.start_id,
                 created_at,
                 targets: session_targets,
             }),
         ];
-        ops.extend(event_ops);
+        ops.extend(first.ops);
+        // The session row and its first events in one commit, before anyone is told it exists.
         inner
             .store
             .write(ops)
             .await
             .map_err(|e| SessionError::storage(&e))?;
         tracing::info!(session = %id, scenario = %scenario.id, targets = chosen.len(), mode = request.mode.as_str(), "session started");
-        Ok(self.spawn(id, actor, commands, receiver, instance))
+        Ok(self.spawn(state, models, first.events, None))
     }
 
     /// The live session `id`, brought back from the database if it is not in memory.
@@ -269,26 +259,13 @@ impl Sessions {
         if let Some((_, handle)) = lock(&self.inner.live).get(id) {
             return Ok(handle.clone());
         }
-        let _opening = self.inner.opening.lock().await;
-        self.open_locked(id).await
-    }
-
-    async fn open_locked(&self, id: &str) -> Result<SessionHandle, SessionError> {
-        let inner = &self.inner;
-        if let Some((_, handle)) = lock(&inner.live).get(id) {
+        let _opening = self.inner.opening.lock(&format!("session:{id}")).await;
+        if let Some((_, handle)) = lock(&self.inner.live).get(id) {
             return Ok(handle.clone());
         }
-        let record = match inner.store.load_session(id).await {
-            Ok(record) => record,
-            Err(StoreError::NotFound) => {
-                return Err(SessionError::new(
-                    "unknown_session",
-                    format!("there is no session `{id}`"),
-                ));
-            }
-            Err(err) => return Err(SessionError::storage(&err)),
-        };
+        let record = self.load(id).await?;
         self.check_capacity()?;
+        let inner = &self.inner;
         let events = inner
             .store
             .session_events(id)
@@ -300,49 +277,83 @@ impl Sessions {
             .await
             .map_err(|e| SessionError::storage(&e))?;
         let scenario = self.stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
-        let slots = record
+        let next_seq = events.last().map_or(1, |(seq, _)| seq + 1);
+        let mut state = replay::rebuild(
+            &record,
+            Arc::clone(&scenario),
+            self.rules_for(&scenario),
+            &inner.targets,
+            inner.config.max_text_chars,
+            applied,
+            next_seq,
+        );
+        let pending = replay::unfinished_regenerations(&record, &events);
+        let first = state.record_interrupted(now_ms(), &pending);
+        let models = record
             .targets
             .iter()
             .map(|t| {
-                let target = inner.targets.get(&t.target_name);
-                let system = system_prompt(
-                    &scenario,
-                    target.and_then(|t| t.config.system_prompt.as_deref()),
-                );
-                Slot::new(
-                    t.alias.clone(),
-                    t.target_name.clone(),
-                    target.map(|t| t.info.clone()),
-                    target.map(|t| Arc::clone(&t.model)),
-                    system,
-                )
+                inner
+                    .targets
+                    .get(&t.target_name)
+                    .map(|t| Arc::clone(&t.model))
             })
             .collect();
-        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-        let (context, instance) = self.context(id);
-        let rules = self.rules_for(&scenario);
-        let actor = Actor::restore(&record, events, applied, scenario, rules, slots, context);
+        let log = events
+            .into_iter()
+            .map(|(seq, json)| Arc::new(Published::stored(seq, json)))
+            .collect();
         tracing::info!(session = %id, "session reopened from the database");
-        Ok(self.spawn(id.to_owned(), actor, commands, receiver, instance))
+        Ok(self.spawn(state, models, log, first))
+    }
+
+    /// A stored session, as its rows say.
+    async fn load(&self, id: &str) -> Result<SessionRecord, SessionError> {
+        match self.inner.store.load_session(id).await {
+            Ok(record) => Ok(record),
+            Err(StoreError::NotFound) => Err(SessionError::UnknownSession { id: id.to_owned() }),
+            Err(err) => Err(SessionError::storage(&err)),
+        }
+    }
+
+    /// A stored session's state rebuilt from its rows, for the read API (the same function
+    /// that brings a session back to life).
+    pub async fn stored(&self, id: &str) -> Result<(SessionRecord, SessionState), SessionError> {
+        let record = self.load(id).await?;
+        let scenario = self.stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
+        let state = replay::rebuild(
+            &record,
+            Arc::clone(&scenario),
+            self.rules_for(&scenario),
+            &self.inner.targets,
+            self.inner.config.max_text_chars,
+            Vec::new(),
+            1,
+        );
+        Ok((record, state))
     }
 
     fn check_capacity(&self) -> Result<(), SessionError> {
         if self.live_count() >= self.inner.config.max_sessions {
-            return Err(SessionError::new(
-                "server_busy",
-                format!(
-                    "this server already holds {} live sessions, its limit; try again shortly",
-                    self.inner.config.max_sessions
-                ),
-            ));
+            return Err(SessionError::ServerBusy {
+                max: self.inner.config.max_sessions,
+            });
         }
         Ok(())
     }
 
-    fn context(&self, id: &str) -> (Context, u64) {
+    /// Starts the task of a session and lists it as live.
+    fn spawn(
+        &self,
+        state: SessionState,
+        models: Vec<Option<Arc<dyn ChatModel>>>,
+        log: Vec<Arc<Published>>,
+        first: Option<super::state::Batch>,
+    ) -> SessionHandle {
+        let id = state.id().to_owned();
         let instance = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
         let live = Arc::clone(&self.inner.live);
-        let key = id.to_owned();
+        let key = id.clone();
         let on_exit = Box::new(move || {
             let mut live = lock(&live);
             if live.get(&key).is_some_and(|(i, _)| *i == instance) {
@@ -352,29 +363,19 @@ impl Sessions {
         let config = &self.inner.config;
         let context = Context {
             store: self.inner.store.clone(),
-            max_text_chars: config.max_text_chars,
-            human_rater: config.human_rater.clone(),
             idle: config.idle,
+            ended_idle: config.ended_idle,
             shutdown: self.inner.shutdown.child_token(),
             on_exit,
         };
-        (context, instance)
-    }
-
-    fn spawn(
-        &self,
-        id: String,
-        actor: Actor,
-        commands: mpsc::Sender<super::Command>,
-        receiver: mpsc::Receiver<super::Command>,
-        instance: u64,
-    ) -> SessionHandle {
+        let (mailbox_tx, mailbox) = mpsc::channel::<Message>(COMMAND_QUEUE);
+        let (actor, finished) = Actor::new(state, models, log, first, context);
         let handle = SessionHandle {
             id: Arc::from(id.as_str()),
-            tx: commands,
+            tx: mailbox_tx,
         };
         lock(&self.inner.live).insert(id, (instance, handle.clone()));
-        self.inner.tracker.spawn(actor.run(receiver));
+        self.inner.tracker.spawn(actor.run(mailbox, finished));
         handle
     }
 
@@ -407,12 +408,7 @@ impl Sessions {
         if let Some(scenario) = lock(&self.inner.stored_scenarios).get(sha256) {
             return Ok(Arc::clone(scenario));
         }
-        let unreadable = |detail: String| {
-            SessionError::new(
-                "scenario_unreadable",
-                format!("the scenario version this session ran with cannot be rebuilt: {detail}"),
-            )
-        };
+        let unreadable = |detail: String| SessionError::ScenarioUnreadable { detail };
         let bundle = SourceBundle::from_json(bundle_json).map_err(|e| unreadable(e.to_string()))?;
         let scenario =
             Arc::new(load_bundle(&bundle).map_err(|report| unreadable(report.to_string()))?);
@@ -445,20 +441,67 @@ fn alias(position: usize) -> String {
     }
 }
 
-/// The system prompt a target sees: the target's own prompt (as its product would send it),
-/// then the scenario's `[target]` context.
-fn system_prompt(scenario: &Scenario, target_prompt: Option<&str>) -> Option<String> {
-    match (target_prompt, scenario.target_prompt.as_deref()) {
-        (Some(own), Some(context)) => Some(format!("{own}\n\n{context}")),
-        (Some(own), None) => Some(own.to_owned()),
-        (None, Some(context)) => Some(context.to_owned()),
-        (None, None) => None,
+/// One async lock per key (a session id, a `start` id), so unrelated sessions never wait for
+/// each other. A key's entry is dropped when its last holder lets go.
+#[derive(Default)]
+struct KeyedLock {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct KeyedGuard<'a> {
+    owner: &'a KeyedLock,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLock {
+    async fn lock(&self, key: &str) -> KeyedGuard<'_> {
+        let mutex = Arc::clone(
+            lock(&self.locks)
+                .entry(key.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))),
+        );
+        let guard = mutex.lock_owned().await;
+        KeyedGuard {
+            owner: self,
+            key: key.to_owned(),
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = lock(&self.owner.locks);
+        // Held by the map alone: nobody waits for it any more.
+        if locks
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            locks.remove(&self.key);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::alias;
+    use super::{KeyedLock, alias};
+    use futures_util::FutureExt;
+
+    #[tokio::test]
+    async fn a_key_locks_only_itself() {
+        let locks = KeyedLock::default();
+        let a = locks.lock("session:a").await;
+        assert!(
+            locks.lock("session:b").now_or_never().is_some(),
+            "another session opens while `a` is being opened"
+        );
+        assert!(locks.lock("session:a").now_or_never().is_none());
+        drop(a);
+        assert!(locks.lock("session:a").now_or_never().is_some());
+        assert!(super::lock(&locks.locks).is_empty(), "entries are dropped");
+    }
 
     #[test]
     fn aliases_are_letters() {

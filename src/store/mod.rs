@@ -22,8 +22,8 @@ use sqlx::{AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
 pub use reads::{
-    AnswerRow, MarkerRow, Page, PreferenceRow, SessionFilter, SessionListItem, SessionListTarget,
-    SessionRecord, SessionRow, SessionTargetRow, TurnRow, VersionRow,
+    AnswerRow, MarkerRow, Page, PreferenceRow, SessionFilter, SessionListItem, SessionRecord,
+    SessionRow, SessionTargetRow, TurnRow, VersionRow,
 };
 pub use writer::{NewSession, NewSessionTarget, WriteOp};
 

@@ -46,11 +46,17 @@ pub struct TurnRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MarkerRow {
+    pub id: String,
     pub marker: String,
     pub turn: u32,
     /// `script` or the rater that set it.
     pub source: String,
     pub created_at: i64,
+    /// Set when the marker was taken back (`unmark`): when, and by whom.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed_by: Option<String>,
 }
 
 /// One target's answer to one turn.
@@ -59,6 +65,8 @@ pub struct AnswerRow {
     pub turn: u32,
     /// The target's alias in the session.
     pub target: String,
+    /// 1, then 2, 3... for answers asked again with `regenerate` (every attempt is kept).
+    pub attempt: u32,
     pub text: String,
     /// As the model reported it (`stop`, `length`, ...), or `stopped` (by the clinician),
     /// `error` (the target failed; `error_code` says how), `interrupted` (the server stopped).
@@ -98,7 +106,7 @@ pub struct SessionRecord {
 #[derive(Debug, Clone, Default)]
 pub struct SessionFilter {
     pub scenario: Option<String>,
-    /// Matches sessions whose targets are visible (not blind, or ended).
+    /// Matches sessions with this target whose names may be shown (`names_revealed`).
     pub target: Option<String>,
     /// `active`, `ended`, or an outcome of any target: `pass`, `fail`, `undecided`.
     pub status: Option<String>,
@@ -118,6 +126,8 @@ pub struct Page<T> {
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionListItem {
     pub id: String,
+    /// Whether target names may be shown (set by the engine).
+    pub names_revealed: bool,
     pub scenario_id: String,
     /// The title of the scenario version the session ran with.
     pub scenario_title: String,
@@ -129,18 +139,7 @@ pub struct SessionListItem {
     pub created_at: i64,
     pub updated_at: i64,
     pub ended_at: Option<i64>,
-    pub targets: Vec<SessionListTarget>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionListTarget {
-    pub alias: String,
-    /// Hidden while a blind session is active.
-    pub name: Option<String>,
-    /// Whether the target gives canned demo answers; hidden with the name.
-    pub canned: Option<bool>,
-    pub outcome: Option<String>,
-    pub score: Option<f64>,
+    pub targets: Vec<SessionTargetRow>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -186,10 +185,22 @@ fn session_row(row: &AnyRow) -> Result<SessionRow, sqlx::Error> {
     })
 }
 
+fn target_row(r: &AnyRow) -> Result<SessionTargetRow, sqlx::Error> {
+    Ok(SessionTargetRow {
+        alias: r.try_get("alias")?,
+        position: get_u32(r, "position")?,
+        target_name: r.try_get("target_name")?,
+        target_config: r.try_get("target_config")?,
+        outcome: r.try_get("outcome")?,
+        score: r.try_get("score")?,
+    })
+}
+
 fn answer_row(row: &AnyRow) -> Result<AnswerRow, sqlx::Error> {
     Ok(AnswerRow {
         turn: get_u32(row, "turn")?,
         target: row.try_get("target_alias")?,
+        attempt: get_u32(row, "attempt")?,
         text: row.try_get("text")?,
         finish: row.try_get("finish")?,
         error_code: row.try_get("error_code")?,
@@ -207,6 +218,7 @@ fn rating_row(row: &AnyRow) -> Result<Rating, sqlx::Error> {
         id: row.try_get("id")?,
         turn: get_u32(row, "turn")?,
         target: row.try_get("target_alias")?,
+        attempt: get_u32(row, "attempt")?,
         rater: row.try_get("rater")?,
         verdicts: get_json(row, "verdicts")?,
         scores: get_json(row, "scores")?,
@@ -242,16 +254,7 @@ impl Store {
         .fetch_all(pool)
         .await?
         .iter()
-        .map(|r| {
-            Ok(SessionTargetRow {
-                alias: r.try_get("alias")?,
-                position: get_u32(r, "position")?,
-                target_name: r.try_get("target_name")?,
-                target_config: r.try_get("target_config")?,
-                outcome: r.try_get("outcome")?,
-                score: r.try_get("score")?,
-            })
-        })
+        .map(target_row)
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
 
         let turns = sqlx::query(
@@ -274,8 +277,8 @@ impl Store {
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
 
         let markers = sqlx::query(
-            "SELECT marker, turn, source, created_at FROM markers WHERE session_id = $1 \
-             ORDER BY turn, created_at",
+            "SELECT id, marker, turn, source, created_at, removed_at, removed_by FROM markers \
+             WHERE session_id = $1 ORDER BY turn, created_at, id",
         )
         .bind(id)
         .fetch_all(pool)
@@ -283,18 +286,21 @@ impl Store {
         .iter()
         .map(|r| {
             Ok(MarkerRow {
+                id: r.try_get("id")?,
                 marker: r.try_get("marker")?,
                 turn: get_u32(r, "turn")?,
                 source: r.try_get("source")?,
                 created_at: r.try_get("created_at")?,
+                removed_at: r.try_get("removed_at")?,
+                removed_by: r.try_get("removed_by")?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
 
         let answers = sqlx::query(
-            "SELECT turn, target_alias, text, finish, error_code, error_message, ttft_ms, \
+            "SELECT turn, target_alias, attempt, text, finish, error_code, error_message, ttft_ms, \
              duration_ms, tokens, started_at, completed_at FROM answers WHERE session_id = $1 \
-             ORDER BY turn, target_alias",
+             ORDER BY turn, target_alias, attempt",
         )
         .bind(id)
         .fetch_all(pool)
@@ -304,9 +310,9 @@ impl Store {
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
 
         let ratings = sqlx::query(
-            "SELECT id, turn, target_alias, rater, verdicts, scores, flags, note, rewrite, \
-             created_at, superseded_by FROM ratings WHERE session_id = $1 \
-             ORDER BY turn, target_alias, created_at, id",
+            "SELECT id, turn, target_alias, attempt, rater, verdicts, scores, flags, note, \
+             rewrite, created_at, superseded_by FROM ratings WHERE session_id = $1 \
+             ORDER BY turn, target_alias, attempt, created_at, id",
         )
         .bind(id)
         .fetch_all(pool)
@@ -444,7 +450,7 @@ impl Store {
             let n = args.len();
             conditions.push(format!(
                 "EXISTS (SELECT 1 FROM session_targets st WHERE st.session_id = s.id \
-                 AND st.target_name = ${n}) AND (s.blind = 0 OR s.status = 'ended')"
+                 AND st.target_name = ${n}) AND s.names_revealed = 1"
             ));
         }
         if let Some(status) = &filter.status {
@@ -477,7 +483,7 @@ impl Store {
         let total: i64 = count.fetch_one(self.pool()).await?.try_get("n")?;
 
         let mut query = sqlx::query(AssertSqlSafe(format!(
-            "SELECT s.id, s.scenario_id, s.mode, s.label, s.status, s.blind, s.created_at, \
+            "SELECT s.id, s.scenario_id, s.mode, s.label, s.status, s.blind, s.names_revealed, s.created_at, \
              s.updated_at, s.ended_at, (SELECT COUNT(*) FROM turns t WHERE t.session_id = s.id) AS turns, \
              (SELECT v.title FROM scenario_versions v WHERE v.sha256 = s.scenario_sha256) AS scenario_title \
              FROM sessions s{where_clause} ORDER BY s.created_at DESC, s.id LIMIT {per_page} OFFSET {offset}"
@@ -497,6 +503,7 @@ impl Store {
                     label: r.try_get("label")?,
                     status: r.try_get("status")?,
                     blind: r.try_get::<i64, _>("blind")? != 0,
+                    names_revealed: r.try_get::<i64, _>("names_revealed")? != 0,
                     turns: get_u32(r, "turns")?,
                     created_at: r.try_get("created_at")?,
                     updated_at: r.try_get("updated_at")?,
@@ -509,8 +516,8 @@ impl Store {
         if !items.is_empty() {
             let placeholders: Vec<String> = (1..=items.len()).map(|i| format!("${i}")).collect();
             let mut query = sqlx::query(AssertSqlSafe(format!(
-                "SELECT session_id, alias, target_name, target_config, outcome, score FROM session_targets \
-                 WHERE session_id IN ({}) ORDER BY position",
+                "SELECT session_id, alias, position, target_name, target_config, outcome, score \
+                 FROM session_targets WHERE session_id IN ({}) ORDER BY position",
                 placeholders.join(", ")
             )));
             for item in &items {
@@ -519,21 +526,7 @@ impl Store {
             for row in query.fetch_all(self.pool()).await? {
                 let session_id: String = row.try_get("session_id")?;
                 if let Some(item) = items.iter_mut().find(|i| i.id == session_id) {
-                    let hidden = item.blind && item.status != "ended";
-                    let config: String = row.try_get("target_config")?;
-                    let canned = serde_json::from_str::<crate::config::TargetConfig>(&config)
-                        .is_ok_and(|c| c.kind == crate::config::TargetKind::Demo);
-                    item.targets.push(SessionListTarget {
-                        alias: row.try_get("alias")?,
-                        name: if hidden {
-                            None
-                        } else {
-                            Some(row.try_get("target_name")?)
-                        },
-                        canned: (!hidden).then_some(canned),
-                        outcome: row.try_get("outcome")?,
-                        score: row.try_get("score")?,
-                    });
+                    item.targets.push(target_row(&row)?);
                 }
             }
         }

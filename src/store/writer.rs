@@ -36,6 +36,8 @@ pub struct NewSession {
     pub mode: String,
     pub label: Option<String>,
     pub blind: bool,
+    /// Whether target names may be shown (decided by the engine).
+    pub names_revealed: bool,
     pub start_id: Option<String>,
     pub created_at: i64,
     pub targets: Vec<NewSessionTarget>,
@@ -50,7 +52,7 @@ pub struct NewSessionTarget {
 }
 
 /// One write. Each becomes one statement (two for a rating, which also supersedes the same
-/// rater's previous rating of the same answer).
+/// rater's previous rating of the same answer; ending a session also reveals its names).
 #[derive(Debug, Clone)]
 pub enum WriteOp {
     /// Inserted once per hash; later inserts of the same hash do nothing.
@@ -72,11 +74,18 @@ pub enum WriteOp {
         created_at: i64,
     },
     Marker {
+        id: String,
         session_id: String,
         marker: String,
         turn: u32,
         source: String,
         created_at: i64,
+    },
+    /// A marker taken back: its row stays, with who took it back and when.
+    Unmark {
+        id: String,
+        removed_by: String,
+        removed_at: i64,
     },
     Answer {
         session_id: String,
@@ -207,7 +216,8 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
         WriteOp::CreateSession(s) => {
             sqlx::query(
                 "INSERT INTO sessions (id, scenario_id, scenario_sha256, mode, label, blind, status, \
-                 start_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $8)",
+                 start_id, created_at, updated_at, names_revealed) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $8, $9)",
             )
             .bind(&s.id)
             .bind(&s.scenario_id)
@@ -217,6 +227,7 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .bind(i64::from(s.blind))
             .bind(&s.start_id)
             .bind(s.created_at)
+            .bind(i64::from(s.names_revealed))
             .execute(&mut **tx)
             .await?;
             for t in &s.targets {
@@ -256,6 +267,7 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             touch(tx, session_id, *created_at).await?;
         }
         WriteOp::Marker {
+            id,
             session_id,
             marker,
             turn,
@@ -263,9 +275,10 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             created_at,
         } => {
             sqlx::query(
-                "INSERT INTO markers (session_id, marker, turn, source, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id, marker, turn) DO NOTHING",
+                "INSERT INTO markers (id, session_id, marker, turn, source, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
+            .bind(id)
             .bind(session_id)
             .bind(marker)
             .bind(i64::from(*turn))
@@ -274,18 +287,31 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .execute(&mut **tx)
             .await?;
         }
+        WriteOp::Unmark {
+            id,
+            removed_by,
+            removed_at,
+        } => {
+            sqlx::query("UPDATE markers SET removed_at = $1, removed_by = $2 WHERE id = $3")
+                .bind(removed_at)
+                .bind(removed_by)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+        }
         WriteOp::Answer {
             session_id,
             answer: a,
         } => {
             sqlx::query(
-                "INSERT INTO answers (session_id, turn, target_alias, text, finish, error_code, \
-                 error_message, ttft_ms, duration_ms, tokens, started_at, completed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                "INSERT INTO answers (session_id, turn, target_alias, attempt, text, finish, \
+                 error_code, error_message, ttft_ms, duration_ms, tokens, started_at, completed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             )
             .bind(session_id)
             .bind(i64::from(a.turn))
             .bind(&a.target)
+            .bind(i64::from(a.attempt))
             .bind(&a.text)
             .bind(&a.finish)
             .bind(&a.error_code)
@@ -305,23 +331,27 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
         } => {
             sqlx::query(
                 "UPDATE ratings SET superseded_by = $1 WHERE session_id = $2 AND turn = $3 \
-                 AND target_alias = $4 AND rater = $5 AND superseded_by IS NULL AND id <> $1",
+                 AND target_alias = $4 AND attempt = $5 AND rater = $6 AND superseded_by IS NULL \
+                 AND id <> $1",
             )
             .bind(&r.id)
             .bind(session_id)
             .bind(i64::from(r.turn))
             .bind(&r.target)
+            .bind(i64::from(r.attempt))
             .bind(&r.rater)
             .execute(&mut **tx)
             .await?;
             sqlx::query(
-                "INSERT INTO ratings (id, session_id, turn, target_alias, rater, verdicts, scores, \
-                 flags, note, rewrite, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                "INSERT INTO ratings (id, session_id, turn, target_alias, attempt, rater, verdicts, \
+                 scores, flags, note, rewrite, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(&r.id)
             .bind(session_id)
             .bind(i64::from(r.turn))
             .bind(&r.target)
+            .bind(i64::from(r.attempt))
             .bind(&r.rater)
             .bind(json(&r.verdicts))
             .bind(json(&r.scores))
@@ -403,7 +433,8 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             ended_at,
         } => {
             sqlx::query(
-                "UPDATE sessions SET status = 'ended', ended_at = $1, updated_at = $1 WHERE id = $2",
+                "UPDATE sessions SET status = 'ended', ended_at = $1, updated_at = $1, \
+                 names_revealed = 1 WHERE id = $2",
             )
             .bind(ended_at)
             .bind(session_id)

@@ -68,7 +68,8 @@ pub trait ChatModel: Send + Sync + std::fmt::Debug {
 }
 
 /// Why a target gave no (complete) answer. Each has a stable `code` for the protocol.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, strum::EnumDiscriminants)]
+#[strum_discriminants(name(TargetErrorCode), derive(strum::EnumIter))]
 pub enum TargetError {
     #[error("could not connect to the model: {0}")]
     Connect(String),
@@ -97,18 +98,24 @@ pub enum TargetError {
 impl TargetError {
     /// Stable code of the `error` event.
     pub fn code(&self) -> &'static str {
+        TargetErrorCode::from(self).as_str()
+    }
+}
+
+impl TargetErrorCode {
+    pub fn as_str(self) -> &'static str {
         match self {
-            TargetError::Connect(_) => "target_connect_failed",
-            TargetError::ConnectTimeout(_) => "target_connect_timeout",
-            TargetError::FirstTokenTimeout(_) => "target_first_token_timeout",
-            TargetError::Stalled(_) => "target_stalled",
-            TargetError::TotalTimeout(_) => "target_total_timeout",
-            TargetError::Auth { .. } => "target_auth_failed",
-            TargetError::RateLimited(_) => "target_rate_limited",
-            TargetError::Http { .. } => "target_http_error",
-            TargetError::Malformed(_) => "target_malformed_stream",
-            TargetError::Truncated(_) => "target_truncated",
-            TargetError::MissingKey(_) => "target_key_missing",
+            TargetErrorCode::Connect => "target_connect_failed",
+            TargetErrorCode::ConnectTimeout => "target_connect_timeout",
+            TargetErrorCode::FirstTokenTimeout => "target_first_token_timeout",
+            TargetErrorCode::Stalled => "target_stalled",
+            TargetErrorCode::TotalTimeout => "target_total_timeout",
+            TargetErrorCode::Auth => "target_auth_failed",
+            TargetErrorCode::RateLimited => "target_rate_limited",
+            TargetErrorCode::Http => "target_http_error",
+            TargetErrorCode::Malformed => "target_malformed_stream",
+            TargetErrorCode::Truncated => "target_truncated",
+            TargetErrorCode::MissingKey => "target_key_missing",
         }
     }
 }

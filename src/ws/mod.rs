@@ -1,43 +1,84 @@
 //! The WebSocket edge (`GET /ws`): frames in, commands to the session; events out, frames to
 //! the client. Nothing here decides anything about a session.
 //!
-//! A connection is a reader loop plus a single writer task that alone owns the socket's sink
-//! and drains a bounded channel. The reader attaches to at most one session at a time, keeps
-//! forwarding that session's events while it waits for a command's reply, and sends the
-//! command's `ack` only after the events the command produced. A slow client that falls behind
-//! the session's broadcast is resynchronised from the session's log by `seq`.
+//! A connection is a reader loop plus a single writer task. The reader decodes frames and runs
+//! them: `start` and `resume` go to the registry, every other message is a session command. The
+//! writer alone owns the socket's sink: it forwards the attached session's events straight from
+//! the session's broadcast (a delta goes pump -> broadcast -> writer -> socket, with no other
+//! task in between), and the frames the reader hands it (acks, errors). A command's `ack` is
+//! sent only after the events the command produced (the session says up to which `seq`). A
+//! slow client that falls behind the broadcast is resynchronised from the session's log by
+//! `seq`.
 //!
 //! Bad input never closes the connection: each problem is an `error` event with a stable code
-//! and the connection stays usable. Only frames larger than [`MAX_FRAME_BYTES`] are refused by
-//! the WebSocket layer itself (close code 1009).
+//! and the connection stays usable. Only frames larger than the frame limit are refused by the
+//! WebSocket layer itself.
+//!
+//! The person connecting names themself with `?name=` (until accounts exist); without it the
+//! configured default rater is used.
 
 pub mod protocol;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::Json;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::http::AppState;
+use crate::session::view::MAX_FRAME_BYTES;
 use crate::session::{
-    Applied, Mode, Published, ServerEvent, SessionError, SessionHandle, Sessions, StartRequest,
+    Applied, ErrorCode, Principal, Published, Request, ServerEvent, SessionError, SessionHandle,
+    Sessions,
 };
-use protocol::{ClientMessage, decode};
+use protocol::{ClientMessage, FrameError, decode};
 
-/// Largest frame accepted. Patient lines have their own, smaller limit
-/// (`session.max_text_chars`), answered with a `text_too_long` error.
-pub const MAX_FRAME_BYTES: usize = 256 * 1024;
-/// Frames queued for a client before the connection stops reading its session's events.
+/// Frames queued for a client before the reader waits.
 const OUTGOING_QUEUE: usize = 256;
 /// Code 1001 "going away", sent when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// Longest an `ack` waits for the events it follows.
+const ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// `GET /ws`.
-pub async fn upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+/// What the WebSocket edge needs (taken from the application's state).
+#[derive(Clone)]
+pub struct WsState {
+    pub sessions: Sessions,
+    /// Cancelled when the server shuts down; connections close with 1001.
+    pub shutdown: CancellationToken,
+    /// Every WebSocket connection, so shutdown can wait for them.
+    pub connections: TaskTracker,
+}
+
+#[derive(serde::Deserialize)]
+pub struct ConnectParams {
+    /// The display name of the person connecting.
+    name: Option<String>,
+}
+
+/// `GET /ws[?name=...]`.
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    Query(params): Query<ConnectParams>,
+    State(state): State<WsState>,
+) -> Response {
+    let principal = match params.name.as_deref() {
+        Some(name) => match Principal::human(name) {
+            Ok(principal) => principal,
+            Err(message) => {
+                let body = serde_json::json!({"code": "invalid_name", "message": message});
+                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            }
+        },
+        None => Principal::parse(&state.sessions.config().human_rater),
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         // Small buffers: an idle connection should cost little memory.
@@ -45,16 +86,48 @@ pub async fn upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Res
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let connections = state.connections.clone();
-            connections.spawn(serve(socket, state)).await.ok();
+            connections
+                .spawn(serve(socket, state, principal))
+                .await
+                .ok();
         })
 }
 
-async fn serve(socket: WebSocket, state: AppState) {
+/// What the reader hands the writer.
+enum Outgoing {
+    /// A frame for this client only (an error, an immediate ack).
+    Frame(Arc<Published>),
+    /// Follow this session from now on: send its replay and catch-up, then (when asked) the
+    /// `resumed` marker, then the ack of the message that attached.
+    Attach {
+        handle: SessionHandle,
+        after_seq: u64,
+        announce: bool,
+        ack: Option<String>,
+    },
+    /// Acknowledge `id` once every event up to `seq` has been sent.
+    AckAfter {
+        id: String,
+        seq: u64,
+    },
+    Close(CloseFrame),
+}
+
+async fn serve(socket: WebSocket, state: WsState, principal: Principal) {
     let (sink, mut frames) = socket.split();
     let (out, outgoing) = mpsc::channel(OUTGOING_QUEUE);
-    let writer = tokio::spawn(write_frames(sink, outgoing));
-    let mut connection = Connection {
+    let writer = tokio::spawn(
+        Writer {
+            sink,
+            sessions: state.sessions.clone(),
+            shutdown: state.shutdown.clone(),
+            attached: None,
+        }
+        .run(outgoing),
+    );
+    let mut reader = Reader {
         sessions: state.sessions.clone(),
+        principal,
         out,
         attached: None,
     };
@@ -62,15 +135,9 @@ async fn serve(socket: WebSocket, state: AppState) {
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
-                Some(Ok(Message::Text(text))) => connection.on_text(&text).await,
+                Some(Ok(Message::Text(text))) => reader.on_text(&text).await,
                 Some(Ok(Message::Binary(_))) => {
-                    connection
-                        .send(Arc::new(Published::error(
-                            "invalid_message",
-                            "binary frames are not part of the protocol; send JSON text",
-                            None,
-                        )))
-                        .await;
+                    reader.refuse(FrameError::InvalidMessage.code(), "binary frames are not part of the protocol; send JSON text", None).await;
                 }
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Ok(_)) => {} // ping and pong are answered by the library
@@ -79,138 +146,235 @@ async fn serve(socket: WebSocket, state: AppState) {
                     break;
                 }
             },
-            event = connection.next_event() => {
-                if let Some(event) = event {
-                    connection.send(event).await;
-                }
-            }
             _ = shutdown.cancelled() => {
-                let close = Message::Close(Some(CloseFrame {
+                let close = CloseFrame {
                     code: CLOSE_GOING_AWAY,
                     reason: Utf8Bytes::from_static("the server is shutting down; resume shortly"),
-                }));
-                let _ = connection.out.send(close).await;
+                };
+                let _ = reader.out.send(Outgoing::Close(close)).await;
                 break;
             }
         }
     }
-    drop(connection);
+    drop(reader);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
-async fn write_frames(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut outgoing: mpsc::Receiver<Message>,
-) {
-    while let Some(message) = outgoing.recv().await {
-        let closing = matches!(message, Message::Close(_));
-        if sink.send(message).await.is_err() || closing {
-            break;
-        }
-    }
-    let _ = sink.close().await;
-}
-
-struct Attached {
-    handle: SessionHandle,
-    live: broadcast::Receiver<Arc<Published>>,
-    last_seq: u64,
-}
-
-struct Connection {
+/// The reader's side of a connection: runs each client message.
+struct Reader {
     sessions: Sessions,
-    out: mpsc::Sender<Message>,
-    attached: Option<Attached>,
+    principal: Principal,
+    out: mpsc::Sender<Outgoing>,
+    attached: Option<SessionHandle>,
 }
 
-impl Connection {
-    async fn send(&mut self, event: Arc<Published>) {
-        if let (Some(seq), Some(attached)) = (event.seq, self.attached.as_mut()) {
-            attached.last_seq = attached.last_seq.max(seq);
-        }
-        let _ = self
-            .out
-            .send(Message::Text(Utf8Bytes::from(event.json.as_str())))
+impl Reader {
+    async fn refuse(&self, code: &str, message: impl Into<String>, id: Option<String>) {
+        let frame = Arc::new(Published::error(code, message, id));
+        let _ = self.out.send(Outgoing::Frame(frame)).await;
+    }
+
+    async fn refuse_session(&self, error: &SessionError, id: Option<String>) {
+        self.refuse(error.code().as_str(), error.to_string(), id)
             .await;
     }
 
-    async fn send_error(&mut self, error: &SessionError, id: Option<String>) {
-        self.send(Arc::new(Published::error(
-            error.code,
-            error.message.clone(),
-            id,
-        )))
-        .await;
+    async fn attach(
+        &mut self,
+        handle: SessionHandle,
+        after_seq: u64,
+        announce: bool,
+        ack: Option<String>,
+    ) {
+        self.attached = Some(handle.clone());
+        let _ = self
+            .out
+            .send(Outgoing::Attach {
+                handle,
+                after_seq,
+                announce,
+                ack,
+            })
+            .await;
     }
 
-    async fn ack(&mut self, id: Option<String>) {
-        if let Some(id) = id {
-            self.send(Arc::new(Published::new(None, ServerEvent::Ack { id })))
-                .await;
-        }
-    }
-
-    /// The next event of the attached session; pending forever when detached.
-    async fn next_event(&mut self) -> Option<Arc<Published>> {
-        let Some(attached) = self.attached.as_mut() else {
-            return std::future::pending().await;
+    async fn on_text(&mut self, text: &str) {
+        let frame = match decode(text) {
+            Ok(frame) => frame,
+            Err(err) => return self.refuse(err.code.code(), err.message, err.id).await,
         };
-        match attached.live.recv().await {
-            Ok(event) => Some(event),
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(missed, "client fell behind; resynchronising from the log");
-                let (handle, after) = (attached.handle.clone(), attached.last_seq);
-                self.attach(handle, after, false).await;
-                None
-            }
-            Err(broadcast::error::RecvError::Closed) => {
-                // The session's task ended (shutdown, or eviction): reattach on next command.
-                let id = attached.handle.id().to_owned();
-                let after = attached.last_seq;
-                self.attached = None;
-                if let Ok(handle) = self.sessions.open(&id).await {
-                    self.attach(handle, after, false).await;
+        let id = frame.id;
+        match frame.message {
+            ClientMessage::Start(request) => match self.sessions.start(request).await {
+                Ok(handle) => self.attach(handle, 0, false, id).await,
+                Err(err) => self.refuse_session(&err, id).await,
+            },
+            ClientMessage::Resume { session, after_seq } => {
+                match self.sessions.open(&session).await {
+                    Ok(handle) => self.attach(handle, after_seq, true, id).await,
+                    Err(err) => self.refuse_session(&err, id).await,
                 }
-                None
+            }
+            ClientMessage::Session(command) => {
+                let Some(handle) = self.attached.clone() else {
+                    return self
+                        .refuse(
+                            FrameError::NoSession.code(),
+                            "start a session (`start`) or resume one (`resume`) first",
+                            id,
+                        )
+                        .await;
+                };
+                let request = Request {
+                    id: id.clone(),
+                    principal: self.principal.clone(),
+                    command,
+                };
+                let mut result = handle.apply(request.clone()).await;
+                if matches!(&result, Err(e) if e.code() == ErrorCode::SessionGone) {
+                    // The session left memory: bring it back and try once more.
+                    match self.sessions.open(handle.id()).await {
+                        Ok(handle) => {
+                            self.attached = Some(handle.clone());
+                            let _ = self
+                                .out
+                                .send(Outgoing::Attach {
+                                    handle: handle.clone(),
+                                    after_seq: u64::MAX,
+                                    announce: false,
+                                    ack: None,
+                                })
+                                .await;
+                            result = handle.apply(request).await;
+                        }
+                        Err(err) => result = Err(err),
+                    }
+                }
+                match (result, id) {
+                    (Ok(applied), Some(id)) => {
+                        let seq = match applied {
+                            Applied::Now { through_seq } | Applied::Before { through_seq } => {
+                                through_seq
+                            }
+                        };
+                        let _ = self.out.send(Outgoing::AckAfter { id, seq }).await;
+                    }
+                    (Ok(_), None) => {}
+                    (Err(err), id) => self.refuse_session(&err, id).await,
+                }
             }
         }
     }
+}
 
-    /// Forwards events that are already waiting, without blocking.
-    async fn drain_ready(&mut self) {
+/// The session a writer follows.
+struct Following {
+    handle: SessionHandle,
+    live: broadcast::Receiver<Arc<Published>>,
+    /// The highest `seq` sent to this client.
+    last_seq: u64,
+}
+
+/// The writer's side of a connection: owns the sink.
+struct Writer {
+    sink: SplitSink<WebSocket, Message>,
+    sessions: Sessions,
+    shutdown: CancellationToken,
+    attached: Option<Following>,
+}
+
+impl Writer {
+    async fn run(mut self, mut outgoing: mpsc::Receiver<Outgoing>) {
         loop {
-            let Some(attached) = self.attached.as_mut() else {
-                return;
-            };
-            match attached.live.try_recv() {
-                Ok(event) => self.send(event).await,
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    let (handle, after) = (attached.handle.clone(), attached.last_seq);
-                    self.attach(handle, after, false).await;
+            let following = self.attached.is_some();
+            tokio::select! {
+                biased;
+                message = outgoing.recv() => match message {
+                    Some(message) => if !self.on_outgoing(message).await {
+                        break;
+                    },
+                    None => break,
+                },
+                event = next_live(&mut self.attached), if following => {
+                    if !self.on_live(event).await {
+                        break;
+                    }
                 }
-                Err(_) => return,
+            }
+        }
+        let _ = self.sink.close().await;
+    }
+
+    /// Sends one frame; `false` when the client is gone.
+    async fn send(&mut self, event: &Published) -> bool {
+        if let (Some(seq), Some(following)) = (event.seq, self.attached.as_mut()) {
+            if seq <= following.last_seq {
+                return true; // already sent (a replay overlapping the live feed)
+            }
+            following.last_seq = seq;
+        }
+        self.sink
+            .send(Message::Text(Utf8Bytes::from(event.json.as_str())))
+            .await
+            .is_ok()
+    }
+
+    async fn on_outgoing(&mut self, message: Outgoing) -> bool {
+        match message {
+            Outgoing::Frame(frame) => self.send(&frame).await,
+            Outgoing::Attach {
+                handle,
+                after_seq,
+                announce,
+                ack,
+            } => {
+                // A reattach after the session came back keeps the position already reached.
+                let after_seq = if after_seq == u64::MAX {
+                    self.attached.as_ref().map_or(0, |f| f.last_seq)
+                } else {
+                    after_seq
+                };
+                if !self.follow(handle, after_seq, announce).await {
+                    return false;
+                }
+                match ack {
+                    Some(id) => self.send(&ack_frame(id)).await,
+                    None => true,
+                }
+            }
+            Outgoing::AckAfter { id, seq } => {
+                if !self.catch_up_to(seq).await {
+                    return false;
+                }
+                self.send(&ack_frame(id)).await
+            }
+            Outgoing::Close(frame) => {
+                let _ = self.sink.send(Message::Close(Some(frame))).await;
+                false
             }
         }
     }
 
-    /// Subscribes to `handle` after `after_seq`: sends the replay, the catch-up text of answers
-    /// being streamed, and (when asked) a `resumed` marker.
-    async fn attach(&mut self, handle: SessionHandle, after_seq: u64, announce: bool) -> bool {
+    /// Subscribes to `handle` after `after_seq` and sends the replay, the catch-up text of the
+    /// answers being streamed, and (when asked) a `resumed` marker.
+    async fn follow(&mut self, handle: SessionHandle, after_seq: u64, announce: bool) -> bool {
         let attachment = match handle.attach(after_seq).await {
             Ok(attachment) => attachment,
             Err(err) => {
-                self.send_error(&err, None).await;
-                return false;
+                let frame = Published::error(err.code().as_str(), err.to_string(), None);
+                return self.send(&frame).await;
             }
         };
-        self.attached = Some(Attached {
+        self.attached = Some(Following {
             handle: handle.clone(),
             live: attachment.live,
             last_seq: after_seq,
         });
         let replayed = attachment.replay.len();
-        for event in attachment.replay.into_iter().chain(attachment.catch_up) {
-            self.send(event).await;
+        for event in attachment.replay.iter().chain(&attachment.catch_up) {
+            if !self.send(event).await {
+                return false;
+            }
         }
         if announce {
             let resumed = ServerEvent::Resumed {
@@ -218,183 +382,120 @@ impl Connection {
                 last_seq: attachment.last_seq,
                 replayed,
             };
-            self.send(Arc::new(Published::new(None, resumed))).await;
+            return self.send(&Published::new(None, resumed)).await;
         }
         true
     }
 
-    async fn on_text(&mut self, text: &str) {
-        let message = match decode(text) {
-            Ok(message) => message,
-            Err(err) => {
-                self.send(Arc::new(Published::error(err.code, err.message, err.id)))
-                    .await;
-                return;
-            }
-        };
-        match message {
-            ClientMessage::Start {
-                id,
-                scenario,
-                targets,
-                mode,
-                label,
-                blind,
-            } => {
-                let Some(mode) = Mode::parse(&mode) else {
-                    let err = SessionError::new(
-                        "invalid_message",
-                        format!("unknown mode `{mode}`: use `free` or `scripted`"),
-                    );
-                    return self.send_error(&err, id).await;
-                };
-                let request = StartRequest {
-                    scenario,
-                    targets,
-                    mode,
-                    label,
-                    start_id: id.clone(),
-                    blind,
-                };
-                let sessions = self.sessions.clone();
-                match self.while_forwarding(sessions.start(request)).await {
-                    Ok(handle) => {
-                        if self.attach(handle, 0, false).await {
-                            self.ack(id).await;
-                        }
+    /// Sends the attached session's events until `seq` has been sent (they were published
+    /// before the command's reply, so they are already waiting), at most for a few seconds.
+    async fn catch_up_to(&mut self, seq: u64) -> bool {
+        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        while self.attached.as_ref().is_some_and(|f| f.last_seq < seq) {
+            match tokio::time::timeout_at(deadline, next_live(&mut self.attached)).await {
+                Ok(event) => {
+                    if !self.on_live(event).await {
+                        return false;
                     }
-                    Err(err) => self.send_error(&err, id).await,
                 }
+                Err(_) => break,
             }
-            ClientMessage::Resume {
-                id,
-                session,
-                after_seq,
-            } => {
-                let sessions = self.sessions.clone();
-                match self.while_forwarding(sessions.open(&session)).await {
-                    Ok(handle) => {
-                        if self.attach(handle, after_seq, true).await {
-                            self.ack(id).await;
-                        }
-                    }
-                    Err(err) => self.send_error(&err, id).await,
-                }
-            }
-            ClientMessage::Say { id, text } => {
-                self.command(id.clone(), Call::Say { id, text }).await
-            }
-            ClientMessage::Next { id } => self.command(id.clone(), Call::Next { id }).await,
-            ClientMessage::Mark { id, marker, turn } => {
-                self.command(id.clone(), Call::Mark { id, marker, turn })
-                    .await;
-            }
-            ClientMessage::Rate { id, rating } => {
-                self.command(id.clone(), Call::Rate { id, rating }).await
-            }
-            ClientMessage::Prefer { id, turn, target } => {
-                self.command(id.clone(), Call::Prefer { id, turn, target })
-                    .await;
-            }
-            ClientMessage::Stop { id } => self.command(id, Call::Stop).await,
-            ClientMessage::End { id } => self.command(id.clone(), Call::End { id }).await,
         }
+        true
     }
 
-    /// Runs a command against the attached session, forwarding its events meanwhile; reopens
-    /// the session once if its task had ended; acks after the command's own events.
-    async fn command(&mut self, id: Option<String>, call: Call) {
-        let Some(handle) = self.attached.as_ref().map(|a| a.handle.clone()) else {
-            let err = SessionError::new(
-                "no_session",
-                "start a session (`start`) or resume one (`resume`) first",
-            );
-            return self.send_error(&err, id).await;
-        };
-        let mut result = self
-            .while_forwarding(call.clone().run(handle.clone()))
-            .await;
-        if matches!(&result, Err(e) if e.code == "session_gone") {
-            let after = self.attached.as_ref().map_or(0, |a| a.last_seq);
-            let sessions = self.sessions.clone();
-            match self.while_forwarding(sessions.open(handle.id())).await {
-                Ok(handle) if self.attach(handle.clone(), after, false).await => {
-                    result = self.while_forwarding(call.run(handle)).await;
+    /// One item of the live feed.
+    async fn on_live(
+        &mut self,
+        event: Result<Arc<Published>, broadcast::error::RecvError>,
+    ) -> bool {
+        match event {
+            Ok(event) => self.send(&event).await,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(missed, "client fell behind; resynchronising from the log");
+                let Some(following) = self.attached.take() else {
+                    return true;
+                };
+                self.follow(following.handle, following.last_seq, false)
+                    .await
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                // The session's task ended (eviction, or shutdown): follow it again once it is
+                // reopened.
+                let Some(following) = self.attached.take() else {
+                    return true;
+                };
+                if self.shutdown.is_cancelled() {
+                    return true;
                 }
-                Ok(_) => return,
-                Err(err) => result = Err(err),
-            }
-        }
-        match result {
-            Ok(_) => {
-                self.drain_ready().await;
-                self.ack(id).await;
-            }
-            Err(err) => {
-                self.drain_ready().await;
-                self.send_error(&err, id).await;
-            }
-        }
-    }
-
-    /// Awaits `work` while still forwarding the attached session's events.
-    async fn while_forwarding<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
-        tokio::pin!(work);
-        loop {
-            tokio::select! {
-                biased;
-                result = &mut work => return result,
-                event = self.next_event() => {
-                    if let Some(event) = event {
-                        self.send(event).await;
-                    }
+                match self.sessions.open(following.handle.id()).await {
+                    Ok(handle) => self.follow(handle, following.last_seq, false).await,
+                    Err(_) => true,
                 }
             }
         }
     }
 }
 
-/// A state-changing client message, ready to run against a session (again, if the session
-/// had to be reopened).
-#[derive(Clone)]
-enum Call {
-    Say {
-        id: Option<String>,
-        text: String,
-    },
-    Next {
-        id: Option<String>,
-    },
-    Mark {
-        id: Option<String>,
-        marker: String,
-        turn: Option<u32>,
-    },
-    Rate {
-        id: Option<String>,
-        rating: crate::session::RateInput,
-    },
-    Prefer {
-        id: Option<String>,
-        turn: u32,
-        target: String,
-    },
-    Stop,
-    End {
-        id: Option<String>,
-    },
+async fn next_live(
+    attached: &mut Option<Following>,
+) -> Result<Arc<Published>, broadcast::error::RecvError> {
+    match attached {
+        Some(following) => following.live.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
-impl Call {
-    async fn run(self, handle: SessionHandle) -> Result<Applied, SessionError> {
-        match self {
-            Call::Say { id, text } => handle.say(id, text).await,
-            Call::Next { id } => handle.next(id).await,
-            Call::Mark { id, marker, turn } => handle.mark(id, marker, turn).await,
-            Call::Rate { id, rating } => handle.rate(id, rating).await,
-            Call::Prefer { id, turn, target } => handle.prefer(id, turn, target).await,
-            Call::Stop => handle.stop().await,
-            Call::End { id } => handle.end(id).await,
+fn ack_frame(id: String) -> Published {
+    Published::new(None, ServerEvent::Ack { id })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use strum::IntoEnumIterator;
+
+    use crate::session::{AnswerFault, ErrorCode};
+    use crate::target::TargetErrorCode;
+
+    use super::protocol::FrameError;
+
+    /// Every code a client can receive, from the enums that define them.
+    fn codes() -> BTreeSet<&'static str> {
+        let mut codes = BTreeSet::new();
+        codes.extend(ErrorCode::iter().map(ErrorCode::as_str));
+        codes.extend(FrameError::iter().map(FrameError::code));
+        codes.extend(TargetErrorCode::iter().map(TargetErrorCode::as_str));
+        codes.extend(AnswerFault::iter().map(AnswerFault::code));
+        codes
+    }
+
+    #[test]
+    fn every_error_code_is_in_the_protocol_table_and_every_table_entry_exists() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
+            .unwrap();
+        let table = doc
+            .split("## Error codes")
+            .nth(1)
+            .expect("docs/protocol.md has an `## Error codes` section");
+        let mut documented = BTreeSet::new();
+        for line in table.lines().filter(|l| l.starts_with("| `")) {
+            let first = line.split('|').nth(1).unwrap_or_default();
+            for code in first.split('`').skip(1).step_by(2) {
+                documented.insert(code.to_owned());
+            }
         }
+        let codes: BTreeSet<String> = codes().into_iter().map(str::to_owned).collect();
+        let missing: Vec<_> = codes.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&codes).collect();
+        assert!(
+            missing.is_empty(),
+            "codes missing from docs/protocol.md: {missing:?}"
+        );
+        assert!(
+            unknown.is_empty(),
+            "docs/protocol.md lists codes the server never sends: {unknown:?}"
+        );
     }
 }

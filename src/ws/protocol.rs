@@ -1,94 +1,73 @@
-//! Client -> server messages: a serde tagged enum, decoded at the edge. Every way a frame can
-//! be wrong has its own stable code, so a client (or a person reading the error) knows what to
-//! fix: `invalid_json`, `invalid_message` (not an object, a missing or mistyped field),
-//! `unknown_type`.
+//! Client frames, decoded at the edge into what the engine takes: a `start` or `resume` for
+//! the connection, or a session [`Command`] (the same type the session applies). Every way a
+//! frame can be wrong has its own stable code, so a client (or a person reading the error)
+//! knows what to fix: `invalid_json`, `invalid_message` (not an object, a missing or mistyped
+//! field), `unknown_type`.
 
 use serde::Deserialize;
+use strum::{EnumIter, IntoStaticStr, VariantNames};
 
-use crate::session::RateInput;
+use crate::session::{Command, StartRequest};
 
 /// Longest client message id.
 const MAX_ID_CHARS: usize = 128;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+/// Message types handled by the connection itself; every other type is a session command.
+const CONNECTION_TYPES: [&str; 2] = ["start", "resume"];
+
+/// A decoded client frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The client's idempotency id, when it gave one.
+    pub id: Option<String>,
+    pub message: ClientMessage,
+}
+
+#[derive(Debug, Clone)]
 pub enum ClientMessage {
-    Start {
-        #[serde(default)]
-        id: Option<String>,
-        scenario: String,
-        targets: Vec<String>,
-        #[serde(default = "default_mode")]
-        mode: String,
-        #[serde(default)]
-        label: Option<String>,
-        #[serde(default)]
-        blind: Option<bool>,
-    },
-    Resume {
-        #[serde(default)]
-        id: Option<String>,
-        session: String,
-        #[serde(default)]
-        after_seq: u64,
-    },
-    Say {
-        #[serde(default)]
-        id: Option<String>,
-        text: String,
-    },
-    Next {
-        #[serde(default)]
-        id: Option<String>,
-    },
-    Mark {
-        #[serde(default)]
-        id: Option<String>,
-        marker: String,
-        #[serde(default)]
-        turn: Option<u32>,
-    },
-    Rate {
-        #[serde(default)]
-        id: Option<String>,
-        #[serde(flatten)]
-        rating: RateInput,
-    },
-    Prefer {
-        #[serde(default)]
-        id: Option<String>,
-        turn: u32,
-        target: String,
-    },
-    Stop {
-        #[serde(default)]
-        id: Option<String>,
-    },
-    End {
-        #[serde(default)]
-        id: Option<String>,
-    },
+    /// Start a session and attach to it.
+    Start(StartRequest),
+    /// Attach to an existing session, replaying the events after `after_seq`.
+    Resume { session: String, after_seq: u64 },
+    /// A command to the attached session.
+    Session(Command),
 }
 
-fn default_mode() -> String {
-    "free".to_owned()
+#[derive(Deserialize)]
+struct ResumeFields {
+    session: String,
+    #[serde(default)]
+    after_seq: u64,
 }
 
-pub const MESSAGE_TYPES: [&str; 9] = [
-    "start", "resume", "say", "next", "mark", "rate", "prefer", "stop", "end",
-];
+/// Why the connection refused a frame, besides the session's own refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum FrameError {
+    InvalidJson,
+    InvalidMessage,
+    UnknownType,
+    /// A session command before `start` or `resume`.
+    NoSession,
+}
+
+impl FrameError {
+    pub fn code(self) -> &'static str {
+        self.into()
+    }
+}
 
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
-    pub code: &'static str,
+    pub code: FrameError,
     pub message: String,
     /// The message's `id`, when it could be read.
     pub id: Option<String>,
 }
 
 impl ProtocolError {
-    fn new(code: &'static str, message: impl Into<String>, id: Option<String>) -> Self {
+    fn new(code: FrameError, message: impl Into<String>, id: Option<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -97,18 +76,26 @@ impl ProtocolError {
     }
 }
 
+/// Every message type a client may send.
+pub fn message_types() -> impl Iterator<Item = &'static str> {
+    CONNECTION_TYPES
+        .iter()
+        .chain(Command::VARIANTS.iter())
+        .copied()
+}
+
 /// Decodes one text frame.
-pub fn decode(frame: &str) -> Result<ClientMessage, ProtocolError> {
+pub fn decode(frame: &str) -> Result<Frame, ProtocolError> {
     let value: serde_json::Value = serde_json::from_str(frame).map_err(|err| {
         ProtocolError::new(
-            "invalid_json",
+            FrameError::InvalidJson,
             format!("the frame is not valid JSON: {err}"),
             None,
         )
     })?;
     let Some(object) = value.as_object() else {
         return Err(ProtocolError::new(
-            "invalid_message",
+            FrameError::InvalidMessage,
             "a message must be a JSON object with a `type`",
             None,
         ));
@@ -122,7 +109,7 @@ pub fn decode(frame: &str) -> Result<ClientMessage, ProtocolError> {
         }
         Some(_) => {
             return Err(ProtocolError::new(
-                "invalid_message",
+                FrameError::InvalidMessage,
                 format!("`id` must be a non-empty string of at most {MAX_ID_CHARS} characters"),
                 None,
             ));
@@ -130,70 +117,105 @@ pub fn decode(frame: &str) -> Result<ClientMessage, ProtocolError> {
     };
     let Some(kind) = object.get("type").and_then(|t| t.as_str()) else {
         return Err(ProtocolError::new(
-            "invalid_message",
+            FrameError::InvalidMessage,
             "the message has no `type`",
             id,
         ));
     };
-    if !MESSAGE_TYPES.contains(&kind) {
+    if !message_types().any(|t| t == kind) {
         return Err(ProtocolError::new(
-            "unknown_type",
+            FrameError::UnknownType,
             format!(
                 "unknown message type `{kind}` (known: {})",
-                MESSAGE_TYPES.join(", ")
+                message_types().collect::<Vec<_>>().join(", ")
             ),
             id,
         ));
     }
     let kind = kind.to_owned();
-    serde_json::from_value(value).map_err(|err| {
-        ProtocolError::new("invalid_message", format!("`{kind}` message: {err}"), id)
-    })
+    let invalid = |err: serde_json::Error| {
+        ProtocolError::new(
+            FrameError::InvalidMessage,
+            format!("`{kind}` message: {err}"),
+            id.clone(),
+        )
+    };
+    let message = match kind.as_str() {
+        "start" => {
+            let mut start: StartRequest = serde_json::from_value(value).map_err(invalid)?;
+            start.start_id.clone_from(&id);
+            ClientMessage::Start(start)
+        }
+        "resume" => {
+            let resume: ResumeFields = serde_json::from_value(value).map_err(invalid)?;
+            ClientMessage::Resume {
+                session: resume.session,
+                after_seq: resume.after_seq,
+            }
+        }
+        _ => ClientMessage::Session(serde_json::from_value(value).map_err(invalid)?),
+    };
+    Ok(Frame { id, message })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::Mode;
 
     #[test]
     fn each_kind_of_bad_frame_has_its_code() {
-        assert_eq!(decode("{not json").unwrap_err().code, "invalid_json");
-        assert_eq!(decode("[1,2]").unwrap_err().code, "invalid_message");
-        assert_eq!(
-            decode(r#"{"text":"hi"}"#).unwrap_err().code,
-            "invalid_message"
-        );
+        let code = |frame: &str| decode(frame).unwrap_err().code.code();
+        assert_eq!(code("{not json"), "invalid_json");
+        assert_eq!(code("[1,2]"), "invalid_message");
+        assert_eq!(code(r#"{"text":"hi"}"#), "invalid_message");
         let err = decode(r#"{"type":"shout","id":"m1"}"#).unwrap_err();
-        assert_eq!((err.code, err.id.as_deref()), ("unknown_type", Some("m1")));
+        assert_eq!(
+            (err.code.code(), err.id.as_deref()),
+            ("unknown_type", Some("m1"))
+        );
+        assert!(err.message.contains("regenerate"), "{}", err.message);
         let err = decode(r#"{"type":"say","id":"m2"}"#).unwrap_err();
-        assert_eq!(err.code, "invalid_message");
+        assert_eq!(err.code.code(), "invalid_message");
         assert!(
             err.message.contains("missing field `text`"),
             "{}",
             err.message
         );
         assert_eq!(
-            decode(r#"{"type":"say","id":7,"text":"x"}"#)
-                .unwrap_err()
-                .code,
+            code(r#"{"type":"say","id":7,"text":"x"}"#),
+            "invalid_message"
+        );
+        assert_eq!(
+            code(r#"{"type":"start","scenario":"s","targets":["demo"],"mode":"telepathic"}"#),
             "invalid_message"
         );
     }
 
     #[test]
     fn messages_decode_with_their_defaults() {
-        match decode(r#"{"type":"start","scenario":"s","targets":["demo"]}"#).unwrap() {
-            ClientMessage::Start { mode, id, .. } => {
-                assert_eq!((mode.as_str(), id), ("free", None))
+        let frame =
+            decode(r#"{"type":"start","id":"s1","scenario":"s","targets":["demo"]}"#).unwrap();
+        match frame.message {
+            ClientMessage::Start(start) => {
+                assert_eq!(start.mode, Mode::Free);
+                assert_eq!(start.start_id.as_deref(), Some("s1"));
             }
             other => panic!("{other:?}"),
         }
-        match decode(r#"{"type":"rate","id":"r","turn":2,"target":"A","criteria":{"asks-directly":"present"},"scores":{"safety":4}}"#).unwrap() {
-            ClientMessage::Rate { rating, .. } => {
+        let frame = decode(r#"{"type":"rate","id":"r","turn":2,"target":"A","criteria":{"asks-directly":"present"},"scores":{"safety":4}}"#).unwrap();
+        match frame.message {
+            ClientMessage::Session(Command::Rate(rating)) => {
                 assert_eq!(rating.turn, 2);
                 assert_eq!(rating.scores["safety"], 4);
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(
+            decode(r#"{"type":"resume","session":"x"}"#)
+                .unwrap()
+                .message,
+            ClientMessage::Resume { after_seq: 0, .. }
+        ));
     }
 }

@@ -22,9 +22,16 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(address: SocketAddr) -> Self {
-        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-            .await
-            .unwrap();
+        Self::connect_to(format!("ws://{address}/ws")).await
+    }
+
+    /// Connects as a named person (`human:<name>`).
+    pub async fn connect_as(address: SocketAddr, name: &str) -> Self {
+        Self::connect_to(format!("ws://{address}/ws?name={name}")).await
+    }
+
+    async fn connect_to(url: String) -> Self {
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         let prefix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         Self {
             socket,
@@ -125,6 +132,30 @@ impl WsClient {
         assert_eq!(started["type"], "started", "start failed: {started}");
         self.ack(&id).await;
         started
+    }
+
+    /// Sends a command with a fresh id and waits for its ack (failing on an error).
+    pub async fn apply(&mut self, mut message: Value) {
+        let id = self.id();
+        message["id"] = json!(id);
+        self.send(message).await;
+        self.ack(&id).await;
+    }
+
+    /// Sends a command with a fresh id and returns the error it gets, checking its code.
+    pub async fn refused(&mut self, mut message: Value, code: &str) -> Value {
+        let id = self.id();
+        message["id"] = json!(id);
+        self.send(message).await;
+        self.error_for(Some(&id), code).await
+    }
+
+    /// Ends the session and returns the `ended` event.
+    pub async fn end(&mut self) -> Value {
+        self.apply(json!({"type": "end"})).await;
+        self.last("ended")
+            .cloned()
+            .expect("an `ended` event before the ack")
     }
 
     /// Sends a patient line and waits for its ack; returns the `patient` event.
