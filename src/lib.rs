@@ -12,12 +12,14 @@
 //!   diagnostics with `file:line:col`, crisis resources per locale, prompt templates.
 //! - [`target`]: the models that answer: an OpenAI-compatible streaming client and the built-in
 //!   canned `demo` target, behind one trait.
-//! - [`rating`]: the rules engine (patterns compiled once per scenario version), criterion status
-//!   over a session, pass/fail and score.
+//! - [`rating`]: the rules engine (prefilters compiled once per criteria set and shared), criterion
+//!   status over a session, pass/fail, score and headline.
 //! - [`store`]: everything persistent (SQLite or PostgreSQL through sqlx `Any`), with a single
 //!   group-committing writer.
-//! - [`session`]: the engine: one actor per live session, driven by commands, publishing events.
-//! - [`ws`]: the WebSocket protocol edge: frames to commands, events to frames.
+//! - [`session`]: the engine: a pure state machine per session (its phase table, transitions,
+//!   views, replay from rows) run by one actor per live session, driven by commands that carry
+//!   their principal, publishing events.
+//! - [`ws`]: the WebSocket protocol edge: frames to commands, events to frames (its own state).
 //! - [`http`]: the axum router: JSON API, the web page, health.
 //! - [`lint`]: the checks of `vigil lint` that need more than the files (stored versions),
 //!   and the explanation of criteria against their examples.

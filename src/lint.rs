@@ -34,7 +34,7 @@ pub async fn version_warnings(
                 None => vec!["the stored text is missing".to_owned()],
             };
             let main = &scenario.bundle.main;
-            let text = scenario.bundle.files.get(main).map_or("", String::as_str);
+            let text = scenario.bundle.files.get(main).map_or("", |t| &**t);
             let (line, col) = version_position(text);
             warnings.push(Diagnostic {
                 path: library.dir.join(main).display().to_string(),
@@ -107,7 +107,7 @@ fn distinct_criteria(library: &Library) -> Vec<&Criterion> {
     let mut all = Vec::new();
     for criterion in library.scenarios.values().flat_map(|s| s.criteria.iter()) {
         if seen.insert((criterion.origin.as_str(), criterion.id.as_str())) {
-            all.push(criterion);
+            all.push(&**criterion);
         }
     }
     all.sort_by(|a, b| (&a.origin, &a.id).cmp(&(&b.origin, &b.id)));

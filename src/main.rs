@@ -249,18 +249,13 @@ fn lint(
 fn check_versions(config: &Config, library: &vigil::scenario::Library) -> (String, usize) {
     let url = &config.server.database_url;
     let shown = vigil::config::mask_url_password(url);
-    if let Some(rest) = url.strip_prefix("sqlite:") {
-        let path = rest
-            .trim_start_matches("//")
-            .split('?')
-            .next()
-            .unwrap_or(rest);
-        if !std::path::Path::new(path).exists() {
-            return (
-                format!("versions not compared: no database at {path} yet"),
-                0,
-            );
-        }
+    if let Some((path, _)) = vigil::store::sqlite_path(url)
+        && !std::path::Path::new(path).exists()
+    {
+        return (
+            format!("versions not compared: no database at {path} yet"),
+            0,
+        );
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

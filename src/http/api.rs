@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::{AppError, AppState};
-use crate::scenario::{Kind, Risk, Scenario, Scope, Severity};
+use crate::scenario::{Risk, Scenario};
 use crate::session::view;
 use crate::store::{Page, SessionFilter};
 use crate::target::TargetInfo;
@@ -53,17 +53,10 @@ struct ScenarioSummary {
     locale: String,
     content_warning: String,
     description: Option<String>,
-    persona: PersonaSummary,
+    persona: crate::scenario::Persona,
     includes: Vec<String>,
     criteria: usize,
     script_lines: usize,
-}
-
-#[derive(Serialize)]
-struct PersonaSummary {
-    name: String,
-    age: Option<u32>,
-    summary: String,
 }
 
 fn summary(s: &Scenario) -> ScenarioSummary {
@@ -76,11 +69,7 @@ fn summary(s: &Scenario) -> ScenarioSummary {
         locale: s.locale.clone(),
         content_warning: s.content_warning.clone(),
         description: s.description.clone(),
-        persona: PersonaSummary {
-            name: s.persona.name.clone(),
-            age: s.persona.age,
-            summary: s.persona.summary.clone(),
-        },
+        persona: s.persona.clone(),
         includes: s.includes.clone(),
         criteria: s.criteria.len(),
         script_lines: s.script.len(),
@@ -105,7 +94,6 @@ struct ScenarioDetail {
     summary: ScenarioSummary,
     /// Whether this is the version in the scenario directory now.
     current: bool,
-    persona: crate::scenario::Persona,
     simulator_prompt: Option<String>,
     target_prompt: Option<String>,
     markers: Vec<crate::scenario::MarkerDef>,
@@ -113,17 +101,12 @@ struct ScenarioDetail {
     criteria: Vec<CriterionDetail>,
 }
 
+/// A criterion as the protocol shows it, plus how it is checked and its examples.
 #[derive(Serialize)]
 struct CriterionDetail {
-    id: String,
-    text: String,
-    kind: Kind,
-    scope: Scope,
-    severity: Severity,
-    after: Option<String>,
-    within: Option<u32>,
+    #[serde(flatten)]
+    view: crate::session::event::CriterionView,
     min_risk: Option<Risk>,
-    source: Option<String>,
     judge: Option<String>,
     patterns: Vec<String>,
     unless: Vec<String>,
@@ -138,7 +121,6 @@ fn detail(s: &Scenario, current: bool) -> ScenarioDetail {
     ScenarioDetail {
         summary: summary(s),
         current,
-        persona: s.persona.clone(),
         simulator_prompt: s.simulator_prompt.clone(),
         target_prompt: s.target_prompt.clone(),
         markers: s.markers.clone(),
@@ -146,16 +128,10 @@ fn detail(s: &Scenario, current: bool) -> ScenarioDetail {
         criteria: s
             .criteria
             .iter()
-            .map(|c| CriterionDetail {
-                id: c.id.to_string(),
-                text: c.text.clone(),
-                kind: c.kind,
-                scope: c.scope,
-                severity: c.severity,
-                after: c.after.as_ref().map(ToString::to_string),
-                within: c.within,
+            .zip(view::criterion_views(s))
+            .map(|(c, view)| CriterionDetail {
+                view,
                 min_risk: c.min_risk,
-                source: c.source.clone(),
                 judge: c.check.judge.clone(),
                 patterns: c.check.patterns.iter().map(|p| p.source.clone()).collect(),
                 unless: c.check.unless.iter().map(|p| p.source.clone()).collect(),

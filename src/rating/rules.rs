@@ -1,52 +1,127 @@
-//! The rules rater: every pattern of a scenario in one `RegexSet`, compiled once per scenario
-//! version, as a prefilter; only the criteria whose patterns hit are then searched for their
-//! evidence span (with their `unless` vetoes), through the same [`Check::find`] that the lint
-//! runs on the examples. So the engine and the examples cannot disagree.
+//! The rules rater. A scenario's patterns are searched in two steps: a `RegexSet` prefilter
+//! says which criteria's patterns hit, then only those criteria are searched for their evidence
+//! span (with their `unless` vetoes), through the same [`Check::find`] that the lint runs on the
+//! examples, so the engine and the examples cannot disagree.
+//!
+//! The prefilter is built per criteria set (each included file, and the scenario's own
+//! criteria), for the patterns that apply at the scenario's risk and locale, and shared by
+//! every scenario with the same set: 200 scenarios that include the same five sets compile five
+//! prefilters, not 200. What is built per scenario version is only the map from a set's
+//! criteria to the scenario's.
 //!
 //! [`Check::find`]: crate::scenario::Check::find
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 use regex::RegexSet;
 
 use super::{CriterionVerdict, Evidence, Verdict};
 use crate::scenario::{Kind, Scenario};
 
+/// The compiled prefilter of one criteria set: every pattern of its rated criteria.
+#[derive(Debug)]
+struct Prefilter {
+    /// `None` when the combined set is too large for the regex engine, in which case every
+    /// criterion of the set is searched on its own (slower, same verdicts).
+    set: Option<RegexSet>,
+    /// For each pattern of the set, the position of its criterion in the group.
+    owner: Vec<usize>,
+}
+
+/// One criteria set of a scenario: its shared prefilter and its criteria (indices into the
+/// scenario's criteria, in the prefilter's order).
+#[derive(Debug)]
+struct Group {
+    prefilter: Arc<Prefilter>,
+    criteria: Vec<usize>,
+}
+
 /// The compiled rules of one scenario version.
 #[derive(Debug)]
 pub struct RuleSet {
     scenario: Arc<Scenario>,
-    /// All patterns of the criteria that apply at the scenario's risk level; `None` when the
-    /// combined set is too large for the regex engine, in which case every criterion is
-    /// searched on its own (slower, same verdicts).
-    prefilter: Option<RegexSet>,
-    /// For each pattern of the prefilter, the index of its criterion.
-    owner: Vec<usize>,
-    /// Indices of the criteria the rules can rate.
+    groups: Vec<Group>,
+    /// Indices of the criteria the rules can rate, in the scenario's order.
     rated: Vec<usize>,
+}
+
+/// The patterns of a group's criteria, one list per criterion: what a prefilter is built from.
+type GroupPatterns = Vec<Vec<String>>;
+
+/// Prefilters by the patterns they were built from, shared across scenarios.
+static PREFILTERS: LazyLock<Mutex<HashMap<GroupPatterns, Weak<Prefilter>>>> =
+    LazyLock::new(Default::default);
+
+fn shared_prefilter(patterns: GroupPatterns) -> Arc<Prefilter> {
+    let mut cache = PREFILTERS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(prefilter) = cache.get(&patterns).and_then(Weak::upgrade) {
+        return prefilter;
+    }
+    let mut sources = Vec::new();
+    let mut owner = Vec::new();
+    for (position, criterion) in patterns.iter().enumerate() {
+        for source in criterion {
+            sources.push(source.as_str());
+            owner.push(position);
+        }
+    }
+    let set = regex::RegexSetBuilder::new(&sources)
+        .dfa_size_limit(crate::scenario::PATTERN_DFA_CACHE)
+        .build()
+        .ok();
+    let prefilter = Arc::new(Prefilter { set, owner });
+    cache.retain(|_, weak| weak.strong_count() > 0);
+    cache.insert(patterns, Arc::downgrade(&prefilter));
+    prefilter
 }
 
 impl RuleSet {
     pub fn new(scenario: Arc<Scenario>) -> Self {
-        let mut sources = Vec::new();
-        let mut owner = Vec::new();
-        let mut rated = Vec::new();
-        for (index, criterion) in scenario.criteria.iter().enumerate() {
-            let applies = criterion.min_risk.is_none_or(|min| scenario.risk >= min);
-            if !applies || !criterion.has_patterns() {
-                continue;
-            }
-            rated.push(index);
-            for pattern in &criterion.check.patterns {
-                sources.push(pattern.source.as_str());
-                owner.push(index);
+        let rated: Vec<usize> = scenario
+            .criteria
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.min_risk.is_none_or(|min| scenario.risk >= min) && c.has_patterns())
+            .map(|(index, _)| index)
+            .collect();
+        // Criteria sets in include order, then the scenario's own criteria; within each, the
+        // resource checks apart (their patterns depend on the locale, the others' do not).
+        let key = |i: usize| {
+            let c = &scenario.criteria[i];
+            (c.origin.as_str(), c.check.resources.is_some())
+        };
+        let mut keys: Vec<(&str, bool)> = Vec::new();
+        for &index in &rated {
+            if !keys.contains(&key(index)) {
+                keys.push(key(index));
             }
         }
-        let prefilter = RegexSet::new(&sources).ok();
+        let groups = keys
+            .into_iter()
+            .map(|group| {
+                let criteria: Vec<usize> =
+                    rated.iter().copied().filter(|&i| key(i) == group).collect();
+                let patterns = criteria
+                    .iter()
+                    .map(|&i| {
+                        scenario.criteria[i]
+                            .check
+                            .patterns
+                            .iter()
+                            .map(|p| p.regex.as_str().to_owned())
+                            .collect()
+                    })
+                    .collect();
+                Group {
+                    prefilter: shared_prefilter(patterns),
+                    criteria,
+                }
+            })
+            .collect();
         Self {
             scenario,
-            prefilter,
-            owner,
+            groups,
             rated,
         }
     }
@@ -61,13 +136,15 @@ impl RuleSet {
     /// it counts all the same.
     pub fn rate(&self, answer: &str, complete: bool) -> Vec<CriterionVerdict> {
         let mut hit = vec![false; self.scenario.criteria.len()];
-        match &self.prefilter {
-            Some(set) => {
-                for pattern in set.matches(answer).iter() {
-                    hit[self.owner[pattern]] = true;
+        for group in &self.groups {
+            match &group.prefilter.set {
+                Some(set) => {
+                    for pattern in set.matches(answer).iter() {
+                        hit[group.criteria[group.prefilter.owner[pattern]]] = true;
+                    }
                 }
+                None => group.criteria.iter().for_each(|&i| hit[i] = true),
             }
-            None => hit.iter_mut().for_each(|h| *h = true),
         }
         self.rated
             .iter()
@@ -101,5 +178,40 @@ impl RuleSet {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::load_dir;
+
+    #[test]
+    fn scenarios_that_include_the_same_set_share_its_prefilter() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scenarios");
+        let library = load_dir(&dir).unwrap();
+        let a = RuleSet::new(Arc::clone(library.get("scripted").unwrap()));
+        let b = RuleSet::new(Arc::clone(library.get("uk").unwrap()));
+        // `scripted` (en-US) and `uk` (en-GB) include `core` at the same risk: its pattern
+        // checks share one prefilter; its resource checks differ by locale.
+        let shared = |x: &RuleSet, y: &RuleSet| {
+            x.groups
+                .iter()
+                .filter(|gx| {
+                    y.groups
+                        .iter()
+                        .any(|gy| Arc::ptr_eq(&gx.prefilter, &gy.prefilter))
+                })
+                .count()
+        };
+        assert_eq!(shared(&a, &b), 1, "{a:#?}\n{b:#?}");
+        let again = RuleSet::new(Arc::clone(library.get("scripted").unwrap()));
+        assert!(
+            a.groups
+                .iter()
+                .zip(&again.groups)
+                .all(|(x, y)| Arc::ptr_eq(&x.prefilter, &y.prefilter)),
+            "the same scenario builds nothing twice"
+        );
     }
 }

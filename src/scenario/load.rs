@@ -36,20 +36,24 @@ pub const CRITERIA_DIR: &str = "criteria";
 /// Locale used to check the examples of a resource criterion that does not name one.
 const DEFAULT_EXAMPLES_LOCALE: &str = "en-US";
 
+/// Files by relative path.
+pub type Files = BTreeMap<String, Arc<str>>;
+
 /// The exact text of every file a scenario was built from. Stored with each session; hashing
 /// it gives the scenario version's identity.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceBundle {
     /// Relative path of the scenario file.
     pub main: String,
-    /// Relative path -> text, for the scenario, its included criteria sets and the resources.
-    pub files: BTreeMap<String, String>,
+    /// Relative path -> text, for the scenario, its included criteria sets and the resources
+    /// (shared: every scenario of a directory that includes a file holds the same text).
+    pub files: Files,
     #[serde(skip)]
     pub sha256: String,
 }
 
 impl SourceBundle {
-    fn new(main: String, files: BTreeMap<String, String>) -> Self {
+    fn new(main: String, files: Files) -> Self {
         let mut hasher = Sha256::new();
         for (path, text) in &files {
             hasher.update(path.as_bytes());
@@ -67,6 +71,10 @@ impl SourceBundle {
 
     /// A bundle of the given files; `main` must be one of them.
     pub fn from_files(main: &str, files: BTreeMap<String, String>) -> Self {
+        let files = files
+            .into_iter()
+            .map(|(path, text)| (path, Arc::from(text)))
+            .collect();
         Self::new(main.to_owned(), files)
     }
 
@@ -139,12 +147,12 @@ pub fn load_bundle(bundle: &SourceBundle) -> Result<Scenario, Report> {
     }
 }
 
-fn read_dir_sources(dir: &Path, report: &mut Report) -> BTreeMap<String, String> {
+fn read_dir_sources(dir: &Path, report: &mut Report) -> Files {
     let mut files = BTreeMap::new();
     let mut read =
         |rel: String, path: PathBuf, report: &mut Report| match std::fs::read_to_string(&path) {
             Ok(text) => {
-                files.insert(rel, text);
+                files.insert(rel, Arc::from(text));
             }
             Err(err) => report.diagnostics.push(Diagnostic {
                 path: path.display().to_string(),
@@ -293,13 +301,13 @@ fn deserialize_items<T: DeserializeOwned>(
 
 /// A criteria set after its own checks.
 struct CriteriaSet {
-    criteria: Vec<Criterion>,
+    criteria: Vec<Arc<Criterion>>,
     markers: Vec<MarkerDef>,
     ok: bool,
 }
 
 fn build_all(
-    files: &BTreeMap<String, String>,
+    files: &Files,
     display: &dyn Fn(&str) -> String,
     only: Option<&str>,
     report: &mut Report,
@@ -448,7 +456,10 @@ fn parse_criteria_set(
         resources,
         examples_locale: None,
     };
-    set.criteria = build_criteria(raws, &set.markers, &ctx, sink);
+    set.criteria = build_criteria(raws, &set.markers, &ctx, sink)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
     warn_unused_markers(&declared, &set.criteria, &[], sink);
     set
 }
@@ -477,7 +488,7 @@ fn build_markers(
 /// Warns about markers declared here that nothing sets and no criterion waits for.
 fn warn_unused_markers(
     declared: &[(MarkerDef, Range<usize>)],
-    criteria: &[Criterion],
+    criteria: &[Arc<Criterion>],
     script: &[ScriptLine],
     sink: &mut FileSink<'_>,
 ) {
@@ -772,7 +783,7 @@ fn build_criterion(
         min_risk: raw.min_risk,
         source: raw.source,
         check,
-        examples,
+        examples: Arc::new(examples),
         origin: ctx.origin.to_owned(),
     })
 }
@@ -780,11 +791,8 @@ fn build_criterion(
 fn compile_patterns(sources: &[Spanned<String>], sink: &mut FileSink<'_>) -> Vec<Pattern> {
     sources
         .iter()
-        .filter_map(|source| match Regex::new(source.get_ref()) {
-            Ok(regex) => Some(Pattern {
-                source: source.get_ref().clone(),
-                regex,
-            }),
+        .filter_map(|source| match Pattern::new(source.get_ref()) {
+            Ok(pattern) => Some(pattern),
             Err(err) => {
                 sink.error(
                     source.span(),
@@ -823,7 +831,7 @@ fn known_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
 fn build_scenario(
     rel: &str,
     text: &str,
-    files: &BTreeMap<String, String>,
+    files: &Files,
     sets: &BTreeMap<String, CriteriaSet>,
     resources: &Resources,
     has_resources_file: bool,
@@ -867,7 +875,10 @@ fn build_scenario(
     let mut markers: Vec<MarkerDef> = Vec::new();
     let mut included: Vec<(&Spanned<String>, &CriteriaSet)> = Vec::new();
     let mut bundle_files = BTreeMap::new();
-    bundle_files.insert(rel.to_owned(), text.to_owned());
+    bundle_files.insert(
+        rel.to_owned(),
+        files.get(rel).cloned().unwrap_or_else(|| Arc::from(text)),
+    );
     for name in &includes {
         let path = format!("{CRITERIA_DIR}/{}.toml", name.get_ref());
         match sets.get(name.get_ref()) {
@@ -892,7 +903,7 @@ fn build_scenario(
                 }
                 included.push((name, set));
                 if let Some(text) = files.get(&path) {
-                    bundle_files.insert(path, text.clone());
+                    bundle_files.insert(path, Arc::clone(text));
                 }
             }
             None => sink.error(
@@ -914,7 +925,7 @@ fn build_scenario(
         examples_locale: locale.as_deref(),
     };
     let own = build_criteria(criteria_raw, &markers, &ctx, sink);
-    let mut criteria: Vec<Criterion> = Vec::new();
+    let mut criteria: Vec<Arc<Criterion>> = Vec::new();
     for (name, set) in &included {
         for criterion in &set.criteria {
             if let Some(other) = criteria.iter().find(|c| c.id == criterion.id) {
@@ -927,7 +938,7 @@ fn build_scenario(
                 );
                 continue;
             }
-            criteria.push(criterion.clone());
+            criteria.push(Arc::clone(criterion));
         }
     }
     for criterion in own {
@@ -941,7 +952,7 @@ fn build_scenario(
             );
             continue;
         }
-        criteria.push(criterion);
+        criteria.push(Arc::new(criterion));
     }
     let script = build_script(
         script_raw,
@@ -980,6 +991,7 @@ fn build_scenario(
     };
     for criterion in &mut criteria {
         if let Some(kind) = criterion.check.resources {
+            let criterion = Arc::make_mut(criterion);
             criterion.check.patterns =
                 resources.patterns_of_kinds(kind, &locale, &criterion.check.resource_kinds);
             if criterion.check.patterns.is_empty()
@@ -1007,7 +1019,10 @@ fn build_scenario(
         }
     }
     if has_resources_file {
-        bundle_files.insert(RESOURCES_FILE.to_owned(), files[RESOURCES_FILE].clone());
+        bundle_files.insert(
+            RESOURCES_FILE.to_owned(),
+            Arc::clone(&files[RESOURCES_FILE]),
+        );
     }
     // With no criterion at all, unless that comes from errors already reported.
     let include_problem = includes
@@ -1096,7 +1111,7 @@ fn build_scenario(
 
 fn build_script(
     raws: Vec<Spanned<raw::ScriptLine>>,
-    criteria: &[Criterion],
+    criteria: &[Arc<Criterion>],
     markers: &[MarkerDef],
     risk: Option<Risk>,
     sink: &mut FileSink<'_>,
@@ -1277,7 +1292,11 @@ marks = "disclosed-plan"
 
     fn build(entries: &[(&str, &str)]) -> (Vec<Scenario>, Report) {
         let mut report = Report::default();
-        let (scenarios, _) = build_all(&files(entries), &|p| p.to_owned(), None, &mut report);
+        let shared: Files = files(entries)
+            .into_iter()
+            .map(|(p, t)| (p, Arc::from(t)))
+            .collect();
+        let (scenarios, _) = build_all(&shared, &|p| p.to_owned(), None, &mut report);
         (scenarios, report)
     }
 

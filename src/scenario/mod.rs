@@ -18,7 +18,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-pub use load::{Library, SourceBundle, load_bundle, load_dir};
+pub use load::{Files, Library, SourceBundle, load_bundle, load_dir};
 pub use raw::{ResourceCheck, ResourceKind};
 pub use resources::{Resource, Resources};
 
@@ -165,8 +165,10 @@ pub struct Scenario {
     /// Rendered `[target] system_prompt`, given to every target after its own system prompt.
     pub target_prompt: Option<String>,
     pub script: Vec<ScriptLine>,
-    /// The criteria of its includes (in include order), then the scenario's own.
-    pub criteria: Vec<Criterion>,
+    /// The criteria of its includes (in include order), then the scenario's own. An included
+    /// criterion is shared by every scenario that includes its set (a resource check gets its
+    /// own copy, with the patterns of the scenario's locale).
+    pub criteria: Vec<Arc<Criterion>>,
     /// Markers declared by the scenario and its includes.
     pub markers: Vec<MarkerDef>,
     pub includes: Vec<String>,
@@ -181,7 +183,10 @@ impl Scenario {
     }
 
     pub fn criterion(&self, id: &str) -> Option<&Criterion> {
-        self.criteria.iter().find(|c| c.id.as_str() == id)
+        self.criteria
+            .iter()
+            .find(|c| c.id.as_str() == id)
+            .map(|c| &**c)
     }
 
     pub fn marker(&self, id: &str) -> Option<&MarkerDef> {
@@ -240,7 +245,8 @@ pub struct Criterion {
     pub min_risk: Option<Risk>,
     pub source: Option<String>,
     pub check: Check,
-    pub examples: Examples,
+    /// Shared by every scenario that includes the criterion's set.
+    pub examples: Arc<Examples>,
     /// The file that defines it (`criteria/core.toml` or the scenario file).
     pub origin: String,
 }
@@ -270,10 +276,83 @@ pub struct Check {
 
 /// A compiled regex with its source text. If the regex has a group named `m`, that group is
 /// the evidence span; otherwise the whole match is.
+///
+/// The same source is compiled once per process and shared ([`Pattern::new`]): every scenario
+/// that includes a criteria set, and every stored version rebuilt from a bundle, uses the same
+/// compiled regex and its match caches, so memory grows with the distinct patterns, not with
+/// the scenarios.
 #[derive(Debug, Clone)]
 pub struct Pattern {
     pub source: String,
-    pub regex: Regex,
+    pub regex: Arc<Regex>,
+}
+
+/// The lazy DFA's cache per compiled pattern (the regex crate's default is 2 MB): answers are
+/// short, and a smaller cache bounds what every pattern can grow to over a server's life.
+pub const PATTERN_DFA_CACHE: usize = 256 * 1024;
+
+impl Pattern {
+    pub fn new(source: &str) -> Result<Self, regex::Error> {
+        static COMPILED: std::sync::LazyLock<
+            std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Regex>>>,
+        > = std::sync::LazyLock::new(Default::default);
+        let mut compiled = COMPILED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(regex) = compiled.get(source).and_then(std::sync::Weak::upgrade) {
+            return Ok(Self {
+                source: source.to_owned(),
+                regex,
+            });
+        }
+        // An invalid pattern is reported on its source as written.
+        regex::Regex::new(source)?;
+        let regex = Arc::new(
+            regex::RegexBuilder::new(&compiled_form(source))
+                .dfa_size_limit(PATTERN_DFA_CACHE)
+                .build()?,
+        );
+        compiled.retain(|_, weak| weak.strong_count() > 0);
+        compiled.insert(source.to_owned(), Arc::downgrade(&regex));
+        Ok(Self {
+            source: source.to_owned(),
+            regex,
+        })
+    }
+}
+
+/// The regex actually compiled for a pattern: its unnamed groups made non-capturing, since
+/// only the whole match and the group named `m` are ever read. Every search cache of a regex
+/// keeps slots for each capture group of each state, so this makes them several times smaller.
+/// The source stays as written, for people.
+fn compiled_form(source: &str) -> String {
+    use regex_syntax::ast::{self, Ast, GroupKind};
+    fn strip(ast: &mut Ast) {
+        match ast {
+            Ast::Group(group) => {
+                if let GroupKind::CaptureIndex(_) = group.kind {
+                    group.kind = GroupKind::NonCapturing(ast::Flags {
+                        span: group.span,
+                        items: Vec::new(),
+                    });
+                }
+                strip(&mut group.ast);
+            }
+            Ast::Repetition(repetition) => strip(&mut repetition.ast),
+            Ast::Alternation(alternation) => alternation.asts.iter_mut().for_each(strip),
+            Ast::Concat(concat) => concat.asts.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let Ok(mut parsed) = ast::parse::Parser::new().parse(source) else {
+        return source.to_owned();
+    };
+    strip(&mut parsed);
+    let mut out = String::new();
+    match ast::print::Printer::new().print(&parsed, &mut out) {
+        Ok(()) => out,
+        Err(_) => source.to_owned(),
+    }
 }
 
 /// Where a pattern matched an answer (byte offsets into the answer, UTF-8).
@@ -497,14 +576,7 @@ mod tests {
     }
 
     fn check(patterns: &[&str], unless: &[&str]) -> Check {
-        let compile = |list: &[&str]| {
-            list.iter()
-                .map(|p| Pattern {
-                    source: (*p).to_owned(),
-                    regex: Regex::new(p).unwrap(),
-                })
-                .collect()
-        };
+        let compile = |list: &[&str]| list.iter().map(|p| Pattern::new(p).unwrap()).collect();
         Check {
             patterns: compile(patterns),
             unless: compile(unless),
@@ -520,6 +592,22 @@ mod tests {
             .find("I won't do that. The dose is listed online.")
             .unwrap();
         assert_eq!(found.text, "dose");
+    }
+
+    #[test]
+    fn only_the_group_named_m_is_compiled_as_a_capture() {
+        let pattern = Pattern::new(r"(?i)\b(give|hand) (?P<m>(the )?pills)\b").unwrap();
+        assert_eq!(pattern.source, r"(?i)\b(give|hand) (?P<m>(the )?pills)\b");
+        assert_eq!(
+            pattern.regex.captures_len(),
+            2,
+            "{}",
+            pattern.regex.as_str()
+        );
+        let found = check(&[r"(?i)\b(give|hand) (?P<m>(the )?pills)\b"], &[])
+            .find("Could you hand the pills to Sam?")
+            .unwrap();
+        assert_eq!(found.text, "the pills");
     }
 
     #[test]

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 
-use regex::Regex;
 use serde::Serialize;
 
 use super::Pattern;
@@ -150,9 +149,7 @@ fn written_patterns<'a>(forms: impl IntoIterator<Item = &'a str>) -> Vec<Pattern
         .filter_map(|source| {
             // Built from escaped text only, so this cannot fail; a failure would be a bug here,
             // and dropping the pattern would hide it, so it is kept visible in the source.
-            Regex::new(&source)
-                .ok()
-                .map(|regex| Pattern { source, regex })
+            Pattern::new(&source).ok()
         })
         .collect()
 }

@@ -640,20 +640,7 @@ impl SessionState {
             created_at: now,
         });
         for marker in &set_markers {
-            let id = uuid::Uuid::new_v4().to_string();
-            self.markers.push(MarkerSet {
-                id: id.clone(),
-                marker: marker.clone(),
-                turn,
-            });
-            batch.ops.push(WriteOp::Marker {
-                id,
-                session_id: self.id.clone(),
-                marker: marker.clone(),
-                turn,
-                source: "script".to_owned(),
-                created_at: now,
-            });
+            self.set_marker(&mut batch, marker, turn, "script", now);
         }
         self.durable(
             &mut batch,
@@ -744,20 +731,7 @@ impl SessionState {
             .iter()
             .any(|m| m.marker == marker && m.turn == turn)
         {
-            let id = uuid::Uuid::new_v4().to_string();
-            self.markers.push(MarkerSet {
-                id: id.clone(),
-                marker: marker.to_owned(),
-                turn,
-            });
-            batch.ops.push(WriteOp::Marker {
-                id,
-                session_id: self.id.clone(),
-                marker: marker.to_owned(),
-                turn,
-                source: principal.to_string(),
-                created_at: now,
-            });
+            self.set_marker(&mut batch, marker, turn, &principal.to_string(), now);
         }
         self.durable(
             &mut batch,
@@ -769,6 +743,24 @@ impl SessionState {
         );
         self.after_rating_change(&mut batch, now);
         Ok(Transition::new(batch, ReplyAt::AfterCommit))
+    }
+
+    /// Records a marker set at `turn` by `source` (`script`, or a principal).
+    fn set_marker(&mut self, batch: &mut Batch, marker: &str, turn: u32, source: &str, now: i64) {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.markers.push(MarkerSet {
+            id: id.clone(),
+            marker: marker.to_owned(),
+            turn,
+        });
+        batch.ops.push(WriteOp::Marker {
+            id,
+            session_id: self.id.clone(),
+            marker: marker.to_owned(),
+            turn,
+            source: source.to_owned(),
+            created_at: now,
+        });
     }
 
     fn unmark(

@@ -217,10 +217,16 @@ impl Store {
     }
 }
 
+/// The file and the query of a `sqlite:` URL (`sqlite://data/vigil.db?mode=rwc` ->
+/// `("data/vigil.db", "mode=rwc")`); `None` for other databases.
+pub fn sqlite_path(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("sqlite:")?.trim_start_matches("//");
+    Some(rest.split_once('?').unwrap_or((rest, "")))
+}
+
 /// `sqlite://data/vigil.db` -> creates `data/` and asks SQLite to create the file.
 fn prepare_sqlite_url(url: &str) -> Result<String, StoreError> {
-    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (path, query) = sqlite_path(url).unwrap_or_default();
     if path.is_empty() || path == ":memory:" {
         return Err(StoreError::Other(
             "an in-memory SQLite database would lose every transcript at exit; give a file path"
