@@ -55,6 +55,16 @@
 
   const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'short' });
   const formatTime = (ms) => (typeof ms === 'number' ? dateFormat.format(new Date(ms)) : '');
+  const clockFormat = new Intl.DateTimeFormat(undefined, { timeStyle: 'medium' });
+  const shortClockFormat = new Intl.DateTimeFormat(undefined, { timeStyle: 'short' });
+  const isToday = (date) => new Date().toDateString() === date.toDateString();
+  /** "8:42 AM" today, the date and time otherwise: short enough for the session's meta line. */
+  const formatDay = (ms) => (typeof ms === 'number' ? (isToday(new Date(ms)) ? shortClockFormat : dateFormat).format(new Date(ms)) : '');
+  /** A time of day to the second, with the date too when it is not today. */
+  function formatClock(ms) {
+    const date = new Date(ms);
+    return isToday(date) ? clockFormat.format(date) : dateFormat.format(date);
+  }
 
   function formatDuration(ms) {
     if (typeof ms !== 'number') return '';
@@ -65,19 +75,32 @@
 
   const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 
+  /** Characters as the server counts them (Unicode scalar values, not UTF-16 units). */
+  function charCount(text) {
+    let n = 0;
+    for (const char of text) if (char) n += 1;
+    return n;
+  }
+
   const reduceMotion = window.matchMedia('(prefers-reduced-motion: reduce)');
 
   // ------------------------------------------------------------------ words shown to people
 
+  // A criterion's status in words that cannot be misread: a forbidden behaviour that did not
+  // happen is "avoided", never a bare "met" that reads as if it had. The server sends these very
+  // words as `label`; they are derived here only for a server that does not send them yet.
   const STATUS_WORDS = {
-    met: 'met',
-    violated: 'violated',
-    pending: 'pending',
-    missed: 'missed',
-    'n/a': 'n/a',
-    awaiting: 'awaiting',
+    must: { met: 'met', violated: 'not met', missed: 'missed' },
+    must_not: { met: 'avoided', violated: 'occurred', missed: 'missed' },
+    any: { pending: 'pending', 'n/a': 'does not apply', awaiting: 'awaiting a rating' },
   };
-  const OUTCOME_WORDS = { in_progress: 'in progress', pass: 'pass', fail: 'fail', undecided: 'undecided' };
+  const OUTCOME_WORDS = {
+    in_progress: 'in progress',
+    pass: 'pass',
+    fail: 'fail',
+    undecided: 'undecided',
+    incomplete: 'incomplete',
+  };
   const KIND_WORDS = { must: 'required', must_not: 'must not' };
   const DIMENSIONS = [
     ['safety', 'Safety'],
@@ -108,6 +131,29 @@
     answer_interrupted: 'The server stopped before this answer was complete.',
   };
   const SOURCE_WORDS = { human: 'typed', script: 'script line', simulator: 'simulated' };
+
+  /** A criterion state's words: the server's `label`, else the same words from kind + status. */
+  function statusWord(state) {
+    if (state.label) return state.label;
+    const kind = state.kind || (S.criteria.get(state.id) || {}).kind;
+    return (STATUS_WORDS[kind] || STATUS_WORDS.must)[state.status] || STATUS_WORDS.any[state.status] || state.status;
+  }
+
+  /**
+   * One rater's verdict on one answer, in words. A required behaviour is "present" or "absent";
+   * a forbidden one "occurred", or, when absent, "not found" from the rules (no pattern found it,
+   * which is weaker than a person's word) and "avoided" from a judge or a human.
+   */
+  function verdictWord(criterion, verdict, rater) {
+    if (!verdict) return 'awaits rating';
+    if (!criterion || criterion.kind !== 'must_not') return verdict;
+    if (verdict === 'present') return 'occurred';
+    if (verdict === 'absent') return !rater || rater === 'rules' ? 'not found' : 'avoided';
+    return verdict;
+  }
+
+  const numberFormat = new Intl.NumberFormat();
+  const count = (n) => numberFormat.format(n);
 
   // ------------------------------------------------------------------ what the server rendered
 
@@ -212,6 +258,81 @@
     }
   }
 
+  // ------------------------------------------------------------------ who is rating
+
+  /**
+   * The clinician's display name: sent when connecting (`/ws?name=`), so the server records
+   * their ratings and markers as `human:<name>`. Kept in this browser only.
+   */
+  const Rater = {
+    key: 'vigil.rater',
+    pattern: /^[\p{L}\p{N} .\-_']{1,64}$/u,
+    name() {
+      try {
+        return (localStorage.getItem(this.key) || '').trim();
+      } catch (err) {
+        return '';
+      }
+    },
+    save(name) {
+      try {
+        if (name) localStorage.setItem(this.key, name);
+        else localStorage.removeItem(this.key);
+      } catch (err) {
+        /* storage unavailable: the name lasts for this page only */
+      }
+    },
+  };
+
+  function renderRater() {
+    $('rater-name').textContent = Rater.name() || 'local';
+  }
+
+  function closeRaterForm() {
+    $('rater-form').hidden = true;
+    $('rater-button').setAttribute('aria-expanded', 'false');
+  }
+
+  $('rater-button').addEventListener('click', () => {
+    const form = $('rater-form');
+    form.hidden = !form.hidden;
+    $('rater-button').setAttribute('aria-expanded', form.hidden ? 'false' : 'true');
+    if (!form.hidden) {
+      $('rater-input').value = Rater.name();
+      $('rater-error').hidden = true;
+      $('rater-input').focus();
+    }
+  });
+  $('rater-cancel').addEventListener('click', () => {
+    closeRaterForm();
+    $('rater-button').focus();
+  });
+  $('rater-form').addEventListener('keydown', (e) => {
+    if (e.key === 'Escape') {
+      closeRaterForm();
+      $('rater-button').focus();
+    }
+  });
+  $('rater-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const name = $('rater-input').value.trim();
+    if (name && !Rater.pattern.test(name)) {
+      showInline($('rater-error'), 'Use 1 to 64 letters, digits, spaces or . - _ \'');
+      return;
+    }
+    const changed = name !== Rater.name();
+    Rater.save(name);
+    renderRater();
+    closeRaterForm();
+    $('rater-button').focus();
+    // The name is given when connecting: reconnect (the session resumes where it was).
+    if (changed && Conn.ws) {
+      toast(`Your ratings and markers are now recorded as ${name || 'the server default'}.`, { kind: 'info' });
+      Conn.ws.close(1000);
+    }
+  });
+  renderRater();
+
   // ------------------------------------------------------------------ the connection
 
   const Conn = {
@@ -222,6 +343,17 @@
     timer: null,
     retryAt: 0,
   };
+
+  // Limits the server enforces. A line over `max_text_chars` or a note over 10,000 characters
+  // is refused with an error; a frame over the WebSocket's limit is refused by closing the
+  // connection (1009), and resending it would only close the next one. So none of them is sent:
+  // the page says so where the text was typed, and keeps the text.
+  const DEFAULT_MAX_TEXT_CHARS = 4000;
+  const MAX_NOTE_CHARS = 10000;
+  const DEFAULT_MAX_FRAME_BYTES = 64 * 1024;
+  const maxTextChars = () => (S.started && S.started.max_text_chars > 0 ? S.started.max_text_chars : DEFAULT_MAX_TEXT_CHARS);
+  const maxFrameBytes = () => (S.started && S.started.max_frame_bytes > 0 ? S.started.max_frame_bytes : DEFAULT_MAX_FRAME_BYTES);
+  const frameEncoder = new TextEncoder();
 
   /** Client messages waiting for their `ack` (or error), in the order they were sent. */
   const outbox = [];
@@ -237,7 +369,9 @@
     window.clearTimeout(Conn.timer);
     Conn.timer = null;
     if (Conn.ws && (Conn.ws.readyState === WebSocket.OPEN || Conn.ws.readyState === WebSocket.CONNECTING)) return;
-    const url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
+    const name = Rater.name();
+    const query = name ? `?name=${encodeURIComponent(name)}` : '';
+    const url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws${query}`;
     setConn(Conn.attempt ? 'reconnecting' : 'connecting', Conn.attempt ? 'Reconnecting…' : 'Connecting…');
     let ws;
     try {
@@ -287,7 +421,13 @@
         setConn('idle', 'Not connected');
         return;
       }
-      if (event.code === 1009) toast('A message was too large for the server and the connection was closed. Shorten it and try again.');
+      // A message the server refused by closing is dropped, not resent; then reconnect at once
+      // (the cause is gone). Otherwise back off as usual.
+      if (dropRefused(ws, event.code)) {
+        window.clearTimeout(Conn.timer);
+        connect();
+        return;
+      }
       scheduleReconnect();
     });
   }
@@ -329,17 +469,78 @@
   function command(msg, handlers = {}) {
     const entry = { id: newId(), msg, ...handlers };
     entry.msg.id = entry.id;
+    entry.frame = JSON.stringify(entry.msg);
+    entry.bytes = frameEncoder.encode(entry.frame).length;
+    if (entry.bytes > maxFrameBytes()) {
+      // Refused here rather than by the server closing the connection (and the page resending).
+      refuseLocally(entry, {
+        code: 'frame_too_large',
+        message: `this message is ${count(entry.bytes)} bytes; the server accepts at most ${count(maxFrameBytes())}. Shorten it and try again`,
+      });
+      return null;
+    }
     outbox.push(entry);
-    if (canSend(entry.msg)) Conn.ws.send(JSON.stringify(entry.msg));
+    if (canSend(entry.msg)) send(entry);
     else if (!Conn.ws) connect();
     updateControls();
     return entry;
   }
 
+  /** Sends an outbox entry on the open connection, remembering which connection carried it. */
+  function send(entry) {
+    entry.sentOn = Conn.ws;
+    Conn.ws.send(entry.frame);
+  }
+
   function flushOutbox() {
     for (const entry of outbox) {
-      if (canSend(entry.msg)) Conn.ws.send(JSON.stringify(entry.msg));
+      if (canSend(entry.msg)) send(entry);
     }
+  }
+
+  /** Tells a message's sender it was refused without asking the server (its text is kept). */
+  function refuseLocally(entry, ev) {
+    const words = errorWords(ev);
+    if (entry.onError) entry.onError({ ...ev, id: entry.id }, words);
+    else toast(words, { title: `Your “${entry.msg.type}” was not sent` });
+    updateControls();
+  }
+
+  /**
+   * A connection closed while messages sent on it were unacknowledged. If the server refused one
+   * of them by closing, resending it would close every next connection too (a reconnect loop),
+   * so the culprit is dropped from the outbox and its sender told, once; the others are resent
+   * after the resume with their ids (the server applies an id only once). The culprit is:
+   * - close 1009 (too big): the largest of them;
+   * - close 1007 (unreadable): any of them, so all go;
+   * - any other close (a server may just drop the connection): a message whose sending has now
+   *   been followed by a closed connection twice.
+   * A 1001 (the server going away) or our own 1000 is no message's fault. Returns how many went.
+   */
+  function dropRefused(ws, code) {
+    if (code === 1000 || code === 1001) return 0;
+    const unacked = outbox.filter((e) => e.sentOn === ws);
+    if (!unacked.length) return 0;
+    for (const entry of unacked) entry.closes = (entry.closes || 0) + 1;
+    let culprits;
+    let message;
+    if (code === 1009) {
+      const largest = Math.max(...unacked.map((e) => e.bytes));
+      culprits = unacked.filter((e) => e.bytes === largest);
+      message = (e) => `the server refused this message as too large (${count(e.bytes)} bytes) and closed the connection; it was not applied`;
+    } else if (code === 1007) {
+      culprits = unacked;
+      message = () => 'the server could not read this message and closed the connection; it was not applied';
+    } else {
+      culprits = unacked.filter((e) => e.closes >= 2);
+      message = () =>
+        'the connection closed twice just after this was sent, so it is not sent again automatically; if it did arrive, the page shows it';
+    }
+    for (const entry of culprits) {
+      outbox.splice(outbox.indexOf(entry), 1);
+      refuseLocally(entry, { code: 'frame_refused', message: message(entry) });
+    }
+    return culprits.length;
   }
 
   function settle(id) {
@@ -367,6 +568,8 @@
       case 'rating': onRating(ev); break;
       case 'offered': S.offered = ev.line || null; renderOffered(); break;
       case 'marked': onMarked(ev); break;
+      case 'unmarked': onUnmarked(ev); break;
+      case 'regenerating': onRegenerating(ev); break;
       case 'preferred': onPreferred(ev); break;
       case 'error': onError(ev); break;
       case 'ended': onEnded(ev); break;
@@ -415,7 +618,8 @@
     }
     if (ev.turn != null && ev.target) {
       const answer = ensureAnswer(ev.turn, ev.target);
-      if (!answer.errors.some((e) => e.code === ev.code && e.message === ev.message)) answer.errors.push(ev);
+      const rec = attemptOf(answer, ev.attempt);
+      if (!rec.errors.some((e) => e.code === ev.code && e.message === ev.message)) rec.errors.push(ev);
       renderAnswer(answer);
       if (S.replayDone) announce(`Target ${ev.target} had a problem on turn ${ev.turn}: ${ev.message}`);
       return;
@@ -472,6 +676,7 @@
     document.title = `${ev.scenario.title} · Vigil`;
     showSessionView();
     renderSessionHead();
+    loadAbout();
     renderMarkers();
     renderOffered();
     renderCriteria();
@@ -507,21 +712,15 @@
     if (!ev) return;
     const sc = ev.scenario;
     $('s-title').textContent = sc.title;
-    const persona = sc.persona
-      ? `${sc.persona.name}${sc.persona.age ? `, ${sc.persona.age}` : ''}`
-      : null;
     const meta = $('s-meta');
-    clear(meta);
     const bits = [
       h('span', { class: `tag risk risk-${sc.risk}` }, `risk: ${sc.risk}`),
       h('span', { class: 'tag' }, sc.locale),
       h('span', { class: 'tag' }, ev.mode === 'scripted' ? `scripted (${plural(sc.script_lines, 'line', 'lines')})` : 'free'),
       ev.blind ? h('span', { class: 'tag' }, 'blind') : null,
       ev.label ? h('span', { class: 'meta-item' }, 'Label: ', h('strong', { text: ev.label })) : null,
-      persona ? h('span', { class: 'meta-item' }, `Persona: ${persona}`) : null,
-      h('span', { class: 'meta-item' }, `Started ${formatTime(ev.created_at)}`),
+      h('span', { class: 'meta-item', title: formatTime(ev.created_at) }, `Started ${formatDay(ev.created_at)}`),
     ];
-    append(meta, bits);
     const targets = h('span', { class: 'meta-item meta-targets' }, 'Answering: ');
     S.targets.forEach((t, i) => {
       if (i) targets.append(', ');
@@ -530,7 +729,8 @@
       if (t.name && name) targets.append(' ', name);
     });
     if (ev.blind && !S.ended) targets.append(h('span', { class: 'muted' }, ' (names hidden until the end)'));
-    meta.append(targets);
+    // The "About this person" disclosure is kept (moved, not rebuilt), so it stays open or shut.
+    meta.replaceChildren(...bits.filter(Boolean), targets, aboutDisclosure());
 
     const warning = $('s-warning');
     warning.hidden = !ev.content_warning;
@@ -545,6 +745,162 @@
     state.hidden = false;
     state.textContent = S.ended ? 'ended' : 'active';
     state.dataset.state = S.ended ? 'ended' : 'active';
+  }
+
+  // ------------------------------------------------------------------ about this person
+  //
+  // The persona and the scenario's description, for the clinician who plays them: in the
+  // "Before you begin" step, and during play in a disclosure at the end of the session's meta
+  // line (one line when shut, so the transcript keeps its room). They come from the `started`
+  // event when the server sends them there, else from `GET /api/scenarios/{id}?version=N` (the
+  // version the session runs, not whatever the scenario directory holds now).
+
+  const aboutCache = new Map(); // `${id}@${version}` -> Promise of {description, persona}
+
+  function fetchAbout(id, version) {
+    const key = `${id}@${version || ''}`;
+    if (!aboutCache.has(key)) {
+      const query = version ? `?version=${encodeURIComponent(version)}` : '';
+      const request = fetch(`/api/scenarios/${encodeURIComponent(id)}${query}`, { headers: { Accept: 'application/json' } })
+        .then(async (response) => {
+          const data = await response.json().catch(() => null);
+          if (!response.ok || !data) throw new Error((data && data.message) || `the server answered ${response.status}`);
+          return { description: data.description || null, persona: data.persona || null, version: data.version };
+        });
+      // A failure is not kept: the next look tries again.
+      request.catch(() => aboutCache.delete(key));
+      aboutCache.set(key, request);
+    }
+    return aboutCache.get(key);
+  }
+
+  /** "Chris, 38 · he/him". */
+  function personaLine(persona) {
+    if (!persona) return '';
+    return [persona.age ? `${persona.name}, ${persona.age}` : persona.name, persona.pronouns].filter(Boolean).join(' · ');
+  }
+
+  /**
+   * Two blocks: the person (who, their summary and background) and the scenario's description.
+   * Nothing at all when neither says anything.
+   */
+  function aboutNodes(about, headingTag, { who = true } = {}) {
+    const persona = about.persona || {};
+    // Without the "who" line (its name and age are in the disclosure's summary), the pronouns
+    // lead the summary paragraph.
+    const lead = !who && persona.pronouns ? [h('strong', { text: persona.pronouns }), ' · '] : null;
+    const person = [
+      who && persona.name ? h('p', { class: 'about-who' }, h('strong', { text: personaLine(persona) })) : null,
+      persona.summary || lead ? h('p', { class: 'about-summary' }, lead, persona.summary || '') : null,
+      persona.background ? [h(headingTag, { class: 'about-label' }, 'Background'), h('p', { class: 'about-text' }, persona.background)] : null,
+    ].filter(Boolean);
+    return [
+      person.length ? h('div', { class: 'about-person' }, person) : null,
+      about.description ? h('div', { class: 'about-scenario' }, h(headingTag, { class: 'about-label' }, 'The scenario'), h('p', { class: 'about-text' }, about.description)) : null,
+    ];
+  }
+
+  /** Fills the warning step's "About this person" from the scenario chosen. */
+  function renderWarnAbout(scenario) {
+    const body = $('warn-about-body');
+    if (!body) return; // a page rendered before this section existed
+    const show = (about) => {
+      if (!pendingStart || pendingStart.scenario !== scenario) return; // another scenario chosen since
+      clear(body);
+      append(body, aboutNodes(about, 'h3'));
+      if (!body.firstChild) body.append(h('p', { class: 'muted' }, 'This scenario has no persona description.'));
+    };
+    clear(body);
+    body.append(h('p', { class: 'muted' }, 'Loading who this person is…'));
+    fetchAbout(scenario.id).then(show, (err) => {
+      if (!pendingStart || pendingStart.scenario !== scenario) return;
+      clear(body);
+      body.append(
+        h(
+          'p',
+          { class: 'form-error' },
+          `Who this person is could not be loaded: ${err.message}. You can still begin; it is shown during the session too. `,
+          h('button', { type: 'button', class: 'button small', onclick: () => renderWarnAbout(scenario) }, 'Try again'),
+        ),
+      );
+    });
+  }
+
+  // During play: the disclosure, made once.
+  const About = { el: null, summaryEl: null, bodyEl: null, data: null, error: null, key: '' };
+  const ABOUT_PREF = 'vigil.about';
+  // Open by default only where there is room for it; a clinician's own choice is remembered.
+  const roomyScreen = window.matchMedia('(min-width: 80rem) and (min-height: 62rem)');
+
+  function aboutDisclosure() {
+    if (About.el) return About.el;
+    About.summaryEl = h('summary', { class: 'about-toggle' });
+    About.bodyEl = h('div', { class: 'about-body' });
+    let open = roomyScreen.matches;
+    try {
+      const pref = localStorage.getItem(ABOUT_PREF);
+      if (pref) open = pref === 'open';
+    } catch (err) {
+      /* no storage: the default stands */
+    }
+    About.el = h('details', { class: 'about', id: 's-about', open }, About.summaryEl, About.bodyEl);
+    About.summaryEl.addEventListener('click', () => {
+      // After the toggle has happened (click runs first).
+      window.setTimeout(() => {
+        try {
+          localStorage.setItem(ABOUT_PREF, About.el.open ? 'open' : 'closed');
+        } catch (err) {
+          /* not remembered */
+        }
+      }, 0);
+    });
+    renderAbout();
+    return About.el;
+  }
+
+  /** Takes what `started` says about the persona, and asks the API for what it leaves out. */
+  function loadAbout() {
+    const sc = S.started.scenario;
+    const key = `${sc.id}@${sc.version}`;
+    if (About.key === key) return;
+    About.key = key;
+    About.data = { description: sc.description || null, persona: sc.persona ? { ...sc.persona } : null };
+    About.error = null;
+    const complete = sc.description !== undefined && sc.persona && sc.persona.background !== undefined && sc.persona.pronouns !== undefined;
+    if (!complete) {
+      About.loading = true;
+      fetchAbout(sc.id, sc.version).then(
+        (fetched) => {
+          About.loading = false;
+          if (About.key !== key) return;
+          // What `started` said wins; the API only fills in what it left out.
+          const persona = { ...(fetched.persona || {}), ...(About.data.persona || {}) };
+          for (const field of ['pronouns', 'background']) if (persona[field] == null && fetched.persona) persona[field] = fetched.persona[field];
+          About.data = { description: About.data.description || fetched.description, persona };
+          renderAbout();
+        },
+        (err) => {
+          About.loading = false;
+          if (About.key !== key) return;
+          About.error = err.message;
+          renderAbout();
+        },
+      );
+    }
+    renderAbout();
+  }
+
+  function renderAbout() {
+    if (!About.el) return;
+    const about = About.data || {};
+    const persona = about.persona;
+    // Name and age in the one line that shows while shut; pronouns and the rest inside.
+    About.summaryEl.textContent = persona ? `About this person: ${persona.age ? `${persona.name}, ${persona.age}` : persona.name}` : 'About this person';
+    clear(About.bodyEl);
+    append(About.bodyEl, aboutNodes(about, 'h2', { who: false }));
+    if (About.loading) About.bodyEl.append(h('p', { class: 'muted' }, 'Loading the background…'));
+    if (About.error) About.bodyEl.append(h('p', { class: 'muted' }, `The background could not be loaded: ${About.error}.`));
+    if (!About.bodyEl.firstChild) About.bodyEl.append(h('p', { class: 'muted' }, 'The scenario says nothing more about this person.'));
   }
 
   // ------------------------------------------------------------------ the transcript
@@ -588,12 +944,62 @@
       h('span', { class: 'turn-who' }, ' · patient (you)'),
       turn.source ? h('span', { class: 'turn-source muted' }, ` · ${SOURCE_WORDS[turn.source] || turn.source}`) : null,
     );
-    turn.markersEl.hidden = turn.markers.size === 0;
+    turn.markersEl.hidden = turn.markers.size === 0 && !turn.markerMsg;
     clear(turn.markersEl);
     for (const m of turn.markers) {
       const def = S.started && S.started.markers.find((x) => x.id === m);
-      turn.markersEl.append(h('span', { class: 'tag marker-tag', title: def ? def.text : null }, `marker: ${m}`), ' ');
+      // A marker set by mistake can be removed (`unmark`) while the session runs.
+      const removable = !S.ended;
+      const removing = turn.unmarking && turn.unmarking.has(m);
+      turn.markersEl.append(
+        h(
+          'span',
+          { class: 'tag marker-tag', title: def ? def.text : null },
+          `marker: ${m}`,
+          removable
+            ? h(
+                'button',
+                {
+                  type: 'button',
+                  class: 'marker-remove',
+                  'aria-label': `Remove the marker ${m} from turn ${turn.turn}`,
+                  title: `Remove the marker ${m} from turn ${turn.turn}`,
+                  disabled: removing,
+                  onclick: () => unmark(turn, m),
+                },
+                h('span', { 'aria-hidden': 'true' }, removing ? '…' : '×'),
+              )
+            : null,
+        ),
+        ' ',
+      );
     }
+    if (turn.markerMsg) turn.markersEl.append(h('span', { class: 'form-error small marker-error', role: 'alert' }, turn.markerMsg));
+  }
+
+  function unmark(turn, marker) {
+    turn.unmarking = turn.unmarking || new Set();
+    if (turn.unmarking.has(marker)) return;
+    turn.unmarking.add(marker);
+    turn.markerMsg = '';
+    renderTurnHead(turn);
+    const done = () => {
+      turn.unmarking.delete(marker);
+      renderTurnHead(turn);
+    };
+    command(
+      { type: 'unmark', marker, turn: turn.turn },
+      {
+        onAck: done,
+        onError: (ev, words) => {
+          turn.markerMsg =
+            ev.code === 'unknown_type'
+              ? 'Could not remove the marker: this server cannot remove markers yet.'
+              : `Could not remove the marker: ${words}`;
+          done();
+        },
+      },
+    );
   }
 
   function onPatient(ev) {
@@ -616,9 +1022,29 @@
   function onMarked(ev) {
     const turn = ensureTurn(ev.turn);
     turn.markers.add(ev.marker);
+    turn.markerMsg = '';
     renderTurnHead(turn);
     renderMarkers();
     if (S.replayDone) announce(`Marker ${ev.marker} set on turn ${ev.turn}.`);
+  }
+
+  function onUnmarked(ev) {
+    const turn = ensureTurn(ev.turn);
+    // Ours when this page asked for it (the event comes before the `ack`).
+    const ours = !!(turn.unmarking && turn.unmarking.has(ev.marker));
+    turn.markers.delete(ev.marker);
+    turn.markerMsg = '';
+    renderTurnHead(turn);
+    renderMarkers();
+    if (!S.replayDone) return;
+    announce(`Marker ${ev.marker} removed from turn ${ev.turn}.`);
+    if (!ours) return;
+    // The marker buttons only mark the latest turn: an earlier one is put back from here.
+    toast(`Marker “${ev.marker}” removed from turn ${ev.turn}.`, {
+      kind: 'info',
+      timeout: 15000,
+      actions: S.ended ? [] : [['Put it back', () => command({ type: 'mark', marker: ev.marker, turn: ev.turn }, { onError: (_e, words) => toast(`The marker was not put back: ${words}`) })]],
+    });
   }
 
   function onPreferred(ev) {
@@ -628,34 +1054,43 @@
   }
 
   // ------------------------------------------------------------------ answers
+  //
+  // An answer is one target's reply to one turn. It can be asked again (`regenerate`), so it
+  // has attempts: the answer object holds the latest attempt, and `earlier` keeps the ones it
+  // replaced (they stay recorded and rated, shown collapsed above). An event without `attempt`
+  // is about attempt 1.
+
+  /** The fields that belong to one attempt at an answer. */
+  function freshAttempt(attempt) {
+    return {
+      attempt,
+      chars: [], // the text so far, one Unicode character per entry
+      text: '',
+      final: null, // the `answer` event
+      errors: [], // durable `error` events about this attempt
+      rules: null, // the rules' rating
+      others: new Map(), // rater -> latest rating (humans, judges)
+      awaiting: null, // the rules' rating's `awaiting`: criteria only a judge or human can rate
+    };
+  }
 
   function ensureAnswer(turnNumber, alias) {
     const turn = ensureTurn(turnNumber);
     let answer = turn.answers.get(alias);
     if (answer) return answer;
-    answer = {
-      turn: turnNumber,
-      alias,
-      chars: [], // the text so far, one Unicode character per entry
-      text: '',
-      final: null, // the `answer` event
-      errors: [], // durable `error` events about this answer
-      rules: null, // the rules' rating
-      others: new Map(), // rater -> latest rating (humans, judges)
-    };
+    answer = { turn: turnNumber, alias, earlier: [], ...freshAttempt(1) };
     const base = `a-${turnNumber}-${safeId(alias)}`;
     answer.headEl = h('h3', { class: 'answer-head', id: `${base}-h` });
     answer.stateEl = h('p', { class: 'answer-state' });
-    answer.textEl = h('div', { class: 'answer-text' });
-    answer.errorEl = h('p', { class: 'answer-error', hidden: true });
-    answer.metaEl = h('p', { class: 'answer-meta muted', hidden: true });
-    answer.verdictsEl = h('section', { class: 'verdicts', hidden: true, 'aria-label': `Criteria for answer ${alias}, turn ${turnNumber}` });
+    answer.earlierEl = h('div', { class: 'earlier-attempts', hidden: true });
+    Object.assign(answer, attemptElements(`Criteria for answer ${alias}, turn ${turnNumber}`));
     answer.othersEl = h('div', { class: 'other-ratings', hidden: true });
     answer.actionsEl = h('div', { class: 'answer-actions', hidden: true });
     answer.el = h(
       'article',
       { class: 'answer is-waiting', id: base, 'aria-labelledby': `${base}-h`, 'data-target': alias },
       h('header', { class: 'answer-top' }, answer.headEl, answer.stateEl),
+      answer.earlierEl,
       answer.textEl,
       answer.errorEl,
       answer.metaEl,
@@ -674,12 +1109,57 @@
     return answer;
   }
 
+  /** The elements an attempt's text, errors, timing and verdicts are drawn into. */
+  function attemptElements(verdictsLabel) {
+    return {
+      textEl: h('div', { class: 'answer-text' }),
+      errorEl: h('p', { class: 'answer-error', hidden: true }),
+      metaEl: h('p', { class: 'answer-meta muted', hidden: true }),
+      verdictsEl: h('section', { class: 'verdicts', hidden: true, 'aria-label': verdictsLabel }),
+    };
+  }
+
+  /**
+   * The record of attempt `n` of an answer. A newer attempt than the latest one moves the
+   * latest into `earlier` (with its own elements) and starts afresh; an older one is found there.
+   */
+  function attemptOf(answer, n) {
+    const attempt = Number.isInteger(n) && n > 0 ? n : 1;
+    if (attempt === answer.attempt) return answer;
+    if (attempt < answer.attempt) {
+      let rec = answer.earlier.find((e) => e.attempt === attempt);
+      if (!rec) {
+        rec = earlierRecord(answer, freshAttempt(attempt));
+        answer.earlier.push(rec);
+        answer.earlier.sort((a, b) => a.attempt - b.attempt);
+      }
+      return rec;
+    }
+    const kept = {};
+    for (const key of Object.keys(freshAttempt(0))) kept[key] = answer[key];
+    answer.earlier.push(earlierRecord(answer, kept));
+    Object.assign(answer, freshAttempt(attempt));
+    dirty.delete(answer);
+    answer.verdictsEl.dataset.closed = '';
+    return answer;
+  }
+
+  function earlierRecord(answer, fields) {
+    const rec = { turn: answer.turn, alias: answer.alias, ...fields };
+    Object.assign(rec, attemptElements(`Criteria for attempt ${rec.attempt} of answer ${answer.alias}, turn ${answer.turn}`));
+    rec.verdictsEl.dataset.closed = 'true'; // compact: its criteria list opens on request
+    rec.summaryEl = h('summary', { class: 'earlier-summary' });
+    rec.el = h('details', { class: 'earlier-attempt' }, rec.summaryEl, rec.textEl, rec.errorEl, rec.metaEl, rec.verdictsEl);
+    return rec;
+  }
+
   // Deltas are drawn at most once per frame.
   const dirty = new Set();
   let frame = 0;
 
   function onDelta(ev) {
     const answer = ensureAnswer(ev.turn, ev.target);
+    if (attemptOf(answer, ev.attempt) !== answer) return; // a late piece of an attempt replaced since
     if (answer.final) return; // the authoritative text is in
     const offset = Math.max(0, Number(ev.offset) || 0);
     const piece = Array.from(ev.text || '');
@@ -710,31 +1190,39 @@
   function onAnswer(ev) {
     const stick = isAtBottom();
     const answer = ensureAnswer(ev.turn, ev.target);
-    answer.final = ev;
-    answer.text = ev.text || '';
-    answer.chars = Array.from(answer.text);
-    dirty.delete(answer);
+    const rec = attemptOf(answer, ev.attempt);
+    rec.final = ev;
+    rec.text = ev.text || '';
+    rec.chars = Array.from(rec.text);
+    if (rec === answer) dirty.delete(answer);
     renderAnswer(answer);
     if (stick) scrollToBottom();
-    if (S.replayDone && !isStreaming() && S.turns.get(S.lastTurn) === S.turns.get(ev.turn)) {
+    if (rec === answer && S.replayDone && !isStreaming() && S.lastTurn === ev.turn) {
       announce(`All answers to turn ${ev.turn} are in.`);
     }
   }
 
   function onRating(ev) {
     const answer = ensureAnswer(ev.turn, ev.target);
-    if (ev.rater === 'rules') answer.rules = ev;
-    else answer.others.set(ev.rater, ev);
-    // Which criteria awaited a rating is fixed when the rules' rating arrives (see below).
-    if (ev.rater === 'rules') answer.awaiting = awaitingCriteria(ev.target);
+    const rec = attemptOf(answer, ev.attempt);
+    if (ev.rater === 'rules') {
+      rec.rules = ev;
+      // Which criteria await a judge or a human is the server's word (`awaiting`), never worked
+      // out here: only the server knows which windows a marker on this very turn opened.
+      rec.awaiting = Array.isArray(ev.awaiting) ? ev.awaiting : null;
+    } else rec.others.set(ev.rater, ev);
     renderAnswer(answer);
+    if (rec === answer && answer.rateForm) renderRateCriteria(answer);
   }
 
-  /** Criteria that no rule can rate (judge or human only) and that apply to this target now. */
-  function awaitingCriteria(alias) {
-    const status = S.statuses.get(alias);
-    const na = new Set(status ? status.criteria.filter((c) => c.status === 'n/a').map((c) => c.id) : []);
-    return Array.from(S.criteria.values()).filter((c) => !c.has_patterns && !na.has(c.id)).map((c) => c.id);
+  /** `regenerating`: a new attempt at an answer starts; the one it replaces stays, collapsed. */
+  function onRegenerating(ev) {
+    const stick = isAtBottom();
+    const answer = ensureAnswer(ev.turn, ev.target);
+    attemptOf(answer, ev.attempt);
+    renderAnswer(answer);
+    if (stick) scrollToBottom();
+    if (S.replayDone) announce(`Asking target ${ev.target} again for turn ${ev.turn} (attempt ${answer.attempt}).`);
   }
 
   function finishBadge(answer) {
@@ -742,6 +1230,13 @@
     if (!finish || finish === 'stop' || finish === 'end_turn') return null;
     const word = FINISH_WORDS[finish] || finish;
     return h('span', { class: `badge finish finish-${safeId(finish)}` }, word);
+  }
+
+  /** Whether an answer (its latest attempt) went wrong, so asking again is the obvious next step. */
+  function answerWentWrong(answer) {
+    const f = answer.final;
+    if (!f) return false;
+    return ['error', 'interrupted', 'stopped', 'length'].includes(f.finish) || !!f.error || !f.text;
   }
 
   function renderAnswer(answer) {
@@ -757,8 +1252,9 @@
     const name = targetNameNodes(answer.alias);
     if (name) answer.headEl.append(' ', name);
 
-    // State: waiting / answering / finish badge / preferred.
+    // State: attempt / waiting / answering / finish badge / preferred.
     clear(answer.stateEl);
+    if (answer.attempt > 1) answer.stateEl.append(h('span', { class: 'badge attempt-badge' }, `attempt ${answer.attempt}`));
     if (waiting) answer.stateEl.append(h('span', { class: 'muted' }, 'waiting for the first words…'));
     else if (streaming) answer.stateEl.append(h('span', { class: 'muted streaming-word' }, 'answering…'));
     else if (!answer.final && S.ended) answer.stateEl.append(h('span', { class: 'badge finish' }, 'no answer'));
@@ -767,54 +1263,76 @@
       answer.stateEl.append(' ', h('span', { class: 'badge badge-preferred' }, 'preferred'));
     }
 
-    // Text, with the rules' evidence marked once the answer is final.
-    if (answer.final) renderHighlightedText(answer);
-    else answer.textEl.textContent = answer.text;
-    if (answer.final && !answer.text) {
-      answer.textEl.textContent = '';
-      answer.textEl.append(h('span', { class: 'muted' }, '(no text)'));
+    renderEarlierAttempts(answer);
+    renderAttemptBody(answer);
+    renderOtherRatings(answer);
+    renderAnswerActions(answer);
+  }
+
+  /** An attempt's text (with evidence once final), errors, timing and verdicts. */
+  function renderAttemptBody(rec) {
+    if (rec.final) renderHighlightedText(rec);
+    else rec.textEl.textContent = rec.text;
+    if (rec.final && !rec.text) {
+      rec.textEl.textContent = '';
+      rec.textEl.append(h('span', { class: 'muted' }, '(no text)'));
     }
 
     // Errors: the answer's own error, and durable error events (once each).
     const errors = [];
-    if (answer.final && answer.final.error) errors.push(answer.final.error);
-    for (const e of answer.errors) {
+    if (rec.final && rec.final.error) errors.push(rec.final.error);
+    for (const e of rec.errors) {
       if (!errors.some((x) => x.code === e.code && x.message === e.message)) errors.push(e);
     }
-    answer.errorEl.hidden = errors.length === 0;
-    clear(answer.errorEl);
+    rec.errorEl.hidden = errors.length === 0;
+    clear(rec.errorEl);
     errors.forEach((e) => {
       const plain = TARGET_ERROR_WORDS[e.code];
-      answer.errorEl.append(
+      rec.errorEl.append(
         h(
           'span',
           { class: 'answer-error-item' },
           h('strong', { text: plain || errorWords(e) }),
-          answer.final && answer.text ? ' The text so far is kept.' : null,
+          rec.final && rec.text ? ' The text so far is kept.' : null,
           h('span', { class: 'answer-error-detail' }, plain ? `${errorWords(e)} (${e.code})` : `(${e.code})`),
         ),
       );
     });
-    if (answer.final && answer.final.finish === 'interrupted' && errors.length === 0) {
-      answer.errorEl.hidden = false;
-      answer.errorEl.append('The server stopped before this answer was complete; the text so far is kept.');
+    if (rec.final && rec.final.finish === 'interrupted' && errors.length === 0) {
+      rec.errorEl.hidden = false;
+      rec.errorEl.append('The server stopped before this answer was complete; the text so far is kept.');
     }
 
     // Timing.
-    const f = answer.final;
-    answer.metaEl.hidden = !f;
+    const f = rec.final;
+    rec.metaEl.hidden = !f;
     if (f) {
       const bits = [];
       if (typeof f.ttft_ms === 'number') bits.push(`first words after ${formatDuration(f.ttft_ms)}`);
       if (typeof f.duration_ms === 'number') bits.push(`${formatDuration(f.duration_ms)} in all`);
       if (typeof f.tokens === 'number') bits.push(plural(f.tokens, 'token', 'tokens'));
-      answer.metaEl.textContent = bits.join(' · ');
-      answer.metaEl.hidden = bits.length === 0;
+      rec.metaEl.textContent = bits.join(' · ');
+      rec.metaEl.hidden = bits.length === 0;
     }
 
-    renderVerdicts(answer);
-    renderOtherRatings(answer);
-    renderAnswerActions(answer);
+    renderVerdicts(rec);
+  }
+
+  /** The attempts an answer replaced, each collapsed: "Earlier attempt 1 · error: … (kept)". */
+  function renderEarlierAttempts(answer) {
+    answer.earlierEl.hidden = answer.earlier.length === 0;
+    for (const rec of answer.earlier) {
+      if (rec.el.parentNode !== answer.earlierEl) answer.earlierEl.append(rec.el);
+      const f = rec.final;
+      let why;
+      if (!f) why = 'unfinished';
+      else if (f.error) why = `error: ${f.error.message || TARGET_ERROR_WORDS[f.error.code] || f.error.code}`;
+      else if (f.finish && FINISH_WORDS[f.finish]) why = FINISH_WORDS[f.finish];
+      else if (!rec.text) why = 'no text';
+      else why = 'finished';
+      rec.summaryEl.textContent = `Earlier attempt ${rec.attempt} · ${why} (kept)`;
+      renderAttemptBody(rec);
+    }
   }
 
   // --- evidence: UTF-8 byte offsets -> string positions
@@ -860,7 +1378,8 @@
           const range = evidenceRange(text, bytes, v.evidence);
           if (!range) continue;
           const c = S.criteria.get(v.criterion);
-          ranges.push({ from: range[0], to: range[1], ids: [v.criterion], tone: verdictTone(c, v.verdict) });
+          const title = `${c ? c.text : v.criterion} (${verdictWord(c, v.verdict, rating.rater)})`;
+          ranges.push({ from: range[0], to: range[1], titles: [title], ids: [v.criterion], tone: verdictTone(c, v.verdict) });
         }
       }
     }
@@ -875,15 +1394,16 @@
       if (last && r.from < last.to) {
         last.to = Math.max(last.to, r.to);
         last.ids.push(...r.ids);
+        last.titles.push(...r.titles);
         if (r.tone === 'bad') last.tone = 'bad';
-      } else merged.push({ ...r, ids: [...r.ids] });
+      } else merged.push({ ...r, ids: [...r.ids], titles: [...r.titles] });
     }
     let at = 0;
     for (const r of merged) {
       if (r.from > at) answer.textEl.append(text.slice(at, r.from));
-      const titles = r.ids.map((id) => (S.criteria.get(id) ? S.criteria.get(id).text : id));
+      // The title says what the span is evidence of, and whether that is good or bad, in words.
       answer.textEl.append(
-        h('mark', { class: `evidence evidence-${r.tone}`, title: titles.join(' · '), 'data-criteria': r.ids.join(' ') }, text.slice(r.from, r.to)),
+        h('mark', { class: `evidence evidence-${r.tone}`, title: r.titles.join(' · '), 'data-criteria': r.ids.join(' ') }, text.slice(r.from, r.to)),
       );
       at = r.to;
     }
@@ -893,7 +1413,7 @@
   function verdictRow(criterionId, verdict, { rater, evidence, awaitingReason } = {}) {
     const c = S.criteria.get(criterionId);
     const tone = verdict ? verdictTone(c, verdict) : 'awaiting';
-    const label = verdict ? verdict : 'awaits rating';
+    const label = verdictWord(c, verdict, rater);
     const detail = [];
     if (c) detail.push(`${KIND_WORDS[c.kind] || c.kind} · ${c.severity}`);
     if (rater && rater !== 'rules') detail.push(`rated by ${rater}`);
@@ -965,7 +1485,8 @@
         }),
       );
     }
-    for (const id of answer.awaiting || (answer.rules ? [] : awaitingCriteria(answer.alias))) {
+    // Criteria only a judge or a human can rate, as the rules' rating listed them (none before it).
+    for (const id of answer.awaiting || []) {
       if (listed.has(id)) continue;
       listed.add(id);
       rows.push(verdictRow(id, null, { awaitingReason: 'Only a judge or a human can rate this.' }));
@@ -1033,26 +1554,78 @@
     if (!answer.rateDetails) {
       answer.preferBtn = h('button', { type: 'button', class: 'button small', 'aria-pressed': 'false' }, 'Prefer this answer');
       answer.preferBtn.addEventListener('click', () => prefer(answer));
-      answer.preferMsg = h('p', { class: 'form-error small', role: 'alert', hidden: true });
+      answer.askBtn = h('button', { type: 'button', class: 'button small', hidden: true }, 'Ask again');
+      answer.askBtn.addEventListener('click', () => askAgain(answer));
+      answer.actionMsg = h('p', { class: 'form-error small', role: 'alert', hidden: true });
       answer.rateDetails = h('details', { class: 'rate' }, h('summary', { class: 'button small' }, 'Rate'));
       answer.rateDetails.addEventListener('toggle', () => {
         if (answer.rateDetails.open && !answer.rateForm) buildRateForm(answer);
       });
       answer.rateStatus = h('p', { class: 'form-ok', role: 'status' });
-      el.append(h('div', { class: 'answer-buttons' }, answer.preferBtn), answer.rateDetails, answer.rateStatus, answer.preferMsg);
+      el.append(h('div', { class: 'answer-buttons' }, answer.askBtn, answer.preferBtn), answer.rateDetails, answer.rateStatus, answer.actionMsg);
     }
     const several = S.targets.length > 1;
     const preferred = S.preferred.get(answer.turn) === answer.alias;
-    answer.preferBtn.parentElement.hidden = !several || !answer.text;
+    answer.preferBtn.hidden = !several || !answer.text;
     answer.preferBtn.setAttribute('aria-pressed', preferred ? 'true' : 'false');
     answer.preferBtn.textContent = preferred ? 'Preferred' : 'Prefer this answer';
     answer.preferBtn.disabled = !!answer.preferPending;
+    renderAskAgain(answer);
+  }
+
+  /**
+   * "Ask again" (`regenerate`): offered on the latest turn's finished answers while nothing
+   * streams, and made prominent when the answer failed, was cut short or came back empty.
+   * Called after every event (from updateControls), so it only touches the button on a change.
+   */
+  function renderAskAgain(answer) {
+    const button = answer.askBtn;
+    if (!button) return;
+    const available = !!answer.final && !S.ended && answer.turn === S.lastTurn && !isStreaming();
+    const wrong = available && answerWentWrong(answer);
+    const key = `${available}|${wrong}|${!!answer.askPending}|${answer.attempt}`;
+    if (button.dataset.key !== key) {
+      button.dataset.key = key;
+      button.hidden = !available;
+      button.className = wrong ? 'button small primary ask-again' : 'button small ask-again';
+      button.disabled = !!answer.askPending;
+      button.textContent = answer.askPending ? 'Asking again…' : 'Ask again';
+      button.setAttribute(
+        'aria-label',
+        `Ask again: target ${answer.alias}, turn ${answer.turn}${wrong ? ', this answer did not complete' : ''} (this answer is kept)`,
+      );
+    }
+    const group = button.parentElement;
+    const empty = button.hidden && answer.preferBtn.hidden;
+    if (group.hidden !== empty) group.hidden = empty;
+  }
+
+  function askAgain(answer) {
+    if (answer.askPending) return;
+    answer.askPending = true;
+    answer.actionMsg.hidden = true;
+    renderAskAgain(answer);
+    const done = () => {
+      answer.askPending = false;
+      renderAnswerActions(answer);
+    };
+    command(
+      { type: 'regenerate', turn: answer.turn, target: answer.alias },
+      {
+        onAck: done,
+        onError: (ev, words) => {
+          done();
+          const why = ev.code === 'unknown_type' ? 'this server cannot ask a model again yet.' : words;
+          showInline(answer.actionMsg, `Could not ask again: ${why}`);
+        },
+      },
+    );
   }
 
   function prefer(answer) {
     if (S.preferred.get(answer.turn) === answer.alias) return;
     answer.preferPending = true;
-    answer.preferMsg.hidden = true;
+    answer.actionMsg.hidden = true;
     renderAnswerActions(answer);
     command(
       { type: 'prefer', turn: answer.turn, target: answer.alias },
@@ -1064,7 +1637,7 @@
         onError: (_ev, words) => {
           answer.preferPending = false;
           renderAnswerActions(answer);
-          showInline(answer.preferMsg, `Could not record the preference: ${words}`);
+          showInline(answer.actionMsg, `Could not record the preference: ${words}`);
         },
       },
     );
@@ -1072,46 +1645,77 @@
 
   // --- the rating form
 
-  function buildRateForm(answer) {
+  /**
+   * The verdict rows of an answer's rating form. First the criteria the server says are at
+   * stake for this answer: those the rules rated, the rules' `awaiting` list, and those the
+   * latest `criteria` event has awaiting a rating for this target (a marker set since may have
+   * opened them). The others follow, folded. Nothing is worked out here: before the rules'
+   * rating is in, every criterion is listed once, in the scenario's order. Rebuilt when the
+   * rules' rating arrives, keeping what was already chosen.
+   */
+  function renderRateCriteria(answer) {
+    const fieldset = answer.rateCriteriaEl;
+    const chosen = new Map(Array.from(fieldset.querySelectorAll('select'), (select) => [select.name, select.value]));
+    const moreOpen = !!fieldset.querySelector('details.rate-more[open]');
     const base = `rate-${answer.turn}-${safeId(answer.alias)}`;
-    const applicable = new Set([
-      ...(answer.rules ? answer.rules.verdicts.map((v) => v.criterion) : []),
-      ...(answer.awaiting || awaitingCriteria(answer.alias)),
-    ]);
     const row = (c) => {
       const id = `${base}-c-${safeId(c.id)}`;
+      const name = `criterion:${c.id}`;
+      const forbidden = c.kind === 'must_not';
+      const select = h(
+        'select',
+        { id, name },
+        h('option', { value: '' }, 'not rated'),
+        h('option', { value: 'present' }, forbidden ? 'occurred (present)' : 'present'),
+        h('option', { value: 'absent' }, forbidden ? 'avoided (absent)' : 'absent'),
+        h('option', { value: 'unsure' }, 'unsure'),
+      );
+      select.value = chosen.get(name) || '';
       return h(
         'div',
         { class: 'rate-row' },
         h('label', { for: id }, h('span', { class: 'rate-crit' }, c.text), h('span', { class: 'muted small' }, `${KIND_WORDS[c.kind] || c.kind} · ${c.severity}`)),
-        h(
-          'select',
-          { id, name: `criterion:${c.id}` },
-          h('option', { value: '' }, 'not rated'),
-          h('option', { value: 'present' }, 'present'),
-          h('option', { value: 'absent' }, 'absent'),
-          h('option', { value: 'unsure' }, 'unsure'),
-        ),
+        select,
       );
     };
     const all = Array.from(S.criteria.values());
-    const first = all.filter((c) => applicable.has(c.id));
-    const rest = all.filter((c) => !applicable.has(c.id));
+    clear(fieldset);
+    // A rating is of the latest attempt (`rate` names no attempt).
+    fieldset.append(h('legend', {}, answer.attempt > 1 ? `Verdict per criterion, for attempt ${answer.attempt}` : 'Verdict per criterion'));
+    if (!answer.rules) {
+      append(fieldset, [
+        h('p', { class: 'muted small' }, 'Which criteria are at stake for this answer is known once the rules’ rating is in; every criterion is listed meanwhile.'),
+        all.map(row),
+      ]);
+      return;
+    }
+    const status = S.statuses.get(answer.alias);
+    const atStake = new Set([
+      ...answer.rules.verdicts.map((v) => v.criterion),
+      ...(answer.awaiting || []),
+      ...(status ? status.criteria.filter((c) => c.status === 'awaiting').map((c) => c.id) : []),
+    ]);
+    const first = all.filter((c) => atStake.has(c.id));
+    const rest = all.filter((c) => !atStake.has(c.id));
+    append(fieldset, [
+      first.map(row),
+      rest.length
+        ? h('details', { class: 'rate-more', open: moreOpen }, h('summary', {}, `Other criteria, not rated or awaited for this answer (${rest.length})`), rest.map(row))
+        : null,
+    ]);
+  }
+
+  function buildRateForm(answer) {
+    const base = `rate-${answer.turn}-${safeId(answer.alias)}`;
+    answer.rateCriteriaEl = h('fieldset', {});
+    renderRateCriteria(answer);
     const error = h('p', { class: 'form-error', role: 'alert', hidden: true });
     const status = answer.rateStatus;
     const submit = h('button', { type: 'submit', class: 'button primary small' }, 'Save rating');
     const form = h(
       'form',
       { class: 'rate-form', novalidate: true },
-      h(
-        'fieldset',
-        {},
-        h('legend', {}, 'Verdict per criterion'),
-        first.map(row),
-        rest.length
-          ? h('details', { class: 'rate-more' }, h('summary', {}, `Criteria that do not apply at this turn (${rest.length})`), rest.map(row))
-          : null,
-      ),
+      answer.rateCriteriaEl,
       h(
         'fieldset',
         { class: 'rate-scores' },
@@ -1153,6 +1757,16 @@
         showInline(error, 'Choose at least one verdict or score, or write a note, before saving.');
         return;
       }
+      // The server refuses a longer note or rewrite; say so here, keeping the text.
+      const tooLong = [
+        [note, 'The note', form.elements.note],
+        [rewrite, 'The better answer', form.elements.rewrite],
+      ].find(([text]) => text && charCount(text) > MAX_NOTE_CHARS);
+      if (tooLong) {
+        showInline(error, `${tooLong[1]} has ${count(charCount(tooLong[0]))} characters; the limit is ${count(MAX_NOTE_CHARS)}.`);
+        tooLong[2].focus();
+        return;
+      }
       error.hidden = true;
       submit.disabled = true;
       status.textContent = 'Saving…';
@@ -1183,6 +1797,10 @@
   function onCriteria(ev) {
     for (const t of ev.targets) S.statuses.set(t.target, t);
     renderCriteria();
+    // What awaits a rating may have changed (a marker, a rating): rating forms follow.
+    for (const turn of S.turns.values()) {
+      for (const answer of turn.answers.values()) if (answer.rateForm) renderRateCriteria(answer);
+    }
   }
 
   function statusDetail(c) {
@@ -1205,20 +1823,79 @@
     return h('span', { class: `outcome outcome-${safeId(outcome || 'in_progress')}` }, OUTCOME_WORDS[outcome] || outcome || 'in progress');
   }
 
-  /** "4 met · 2 missed · 1 awaiting": the counts that are not zero. */
-  function countsText(counts) {
-    if (!counts) return '';
-    const parts = [
-      [counts.met, 'met'],
-      [counts.violated, 'violated'],
-      [counts.missed, 'missed'],
-      [counts.pending, 'pending'],
-      [counts.awaiting, 'awaiting'],
-      [counts.not_applicable, 'n/a'],
-    ]
-      .filter(([n]) => n > 0)
-      .map(([n, word]) => `${n} ${word}`);
-    return parts.length ? parts.join(' · ') : 'no criteria';
+  /**
+   * "4 met · 6 avoided · 1 awaiting a rating": what the criteria are, in the words of their
+   * statuses. Tallied from the server's per-criterion statuses when they are at hand (so a
+   * forbidden behaviour avoided is not counted as "met"), else from its `counts`.
+   */
+  function countsText(counts, criteria) {
+    let parts;
+    if (criteria && criteria.length) {
+      const tally = new Map();
+      for (const c of criteria) {
+        const word = statusWord(c);
+        tally.set(word, (tally.get(word) || 0) + 1);
+      }
+      const order = ['met', 'avoided', 'not met', 'occurred', 'missed', 'pending', 'awaiting a rating', 'does not apply'];
+      parts = Array.from(tally).sort((x, y) => {
+        const i = order.indexOf(x[0]);
+        const j = order.indexOf(y[0]);
+        return (i < 0 ? order.length : i) - (j < 0 ? order.length : j);
+      });
+    } else if (counts) {
+      parts = [
+        [counts.met, 'met or avoided'],
+        [counts.violated, 'not met or occurred'],
+        [counts.missed, 'missed'],
+        [counts.pending, 'pending'],
+        [counts.awaiting, 'awaiting a rating'],
+        [counts.not_applicable, 'do not apply'],
+      ].map(([n, word]) => [word, n]);
+    } else return '';
+    const shown = parts.filter(([, n]) => n > 0).map(([word, n]) => `${n} ${n > 1 && word === 'does not apply' ? 'do not apply' : word}`);
+    return shown.length ? shown.join(' · ') : 'no criteria';
+  }
+
+  /**
+   * A target's outcome and score in one sentence that says how much is decided: the server's
+   * `headline`, else the same sentence made from its counts (decided = met + violated + missed;
+   * undecided = pending + awaiting). A score is always "of N decided", and while a critical
+   * criterion is undecided that comes first, so the sentence never reads as a pass.
+   */
+  function headlineText(summary, criteria) {
+    if (summary.headline) return summary.headline;
+    const c = summary.counts || {};
+    const n = (x) => (typeof x === 'number' ? x : 0);
+    const decided = typeof summary.decided === 'number' ? summary.decided : n(c.met) + n(c.violated) + n(c.missed);
+    const undecided = typeof summary.undecided === 'number' ? summary.undecided : n(c.pending) + n(c.awaiting);
+    const critical = (x) => (x.severity || (S.criteria.get(x.id) || {}).severity) === 'critical';
+    const list = criteria || [];
+    const open = list.filter((x) => critical(x) && (x.status === 'pending' || x.status === 'awaiting')).length;
+    const failed = list.filter((x) => critical(x) && (x.status === 'violated' || x.status === 'missed')).length;
+    const criteriaWord = (k) => (k === 1 ? 'criterion' : 'criteria');
+    let head;
+    switch (summary.outcome) {
+      case 'incomplete':
+        return 'incomplete: the session ended with no answer, so nothing was judged';
+      case 'fail':
+        head = failed ? `fail: ${failed} critical ${criteriaWord(failed)} violated or missed` : 'fail';
+        break;
+      case 'undecided':
+        head = open ? `undecided: ${open} critical ${criteriaWord(open)} ${open === 1 ? 'awaits' : 'await'} a rating` : 'undecided: a critical criterion awaits a rating';
+        break;
+      case 'pass':
+        head = open ? `${open} critical ${criteriaWord(open)} not decided yet` : 'pass: every critical criterion decided and met';
+        break;
+      default:
+        head = open ? `in progress: ${open} critical ${criteriaWord(open)} not decided yet` : 'in progress';
+    }
+    const pct = percent(summary.score);
+    let score;
+    if (pct && undecided === 0) score = `score ${pct} (all ${decided} applicable criteria decided)`;
+    else if (pct) score = `score ${pct} of ${decided} decided, ${undecided} undecided`;
+    else if (undecided > 0) score = `no score yet: ${undecided} undecided`;
+    else score = 'no score: no criterion applies';
+    return `${head} · ${score}`;
   }
 
   function renderCriteria() {
@@ -1230,11 +1907,12 @@
     }
     const aliases = S.targets.map((t) => t.alias);
 
-    // One summary per target: outcome, score, counts.
+    // One summary per target: outcome, score, counts. The per-criterion statuses are used for
+    // the words only while they match the counts (a later `ended` may have updated those).
+    const listed = (st) => (sameCounts(st.criteria, st.counts) ? st.criteria : null);
     const summaries = h('div', { class: 'target-summaries' });
     for (const alias of aliases) {
       const st = S.statuses.get(alias);
-      const score = st ? percent(st.score) : null;
       summaries.append(
         h(
           'section',
@@ -1244,9 +1922,10 @@
             { class: 'target-summary-head' },
             h('strong', { class: 'alias' }, alias),
             S.byAlias.get(alias) && S.byAlias.get(alias).name ? targetNameNodes(alias) : null,
-            h('span', { class: 'target-summary-outcome' }, outcomeChip(st && st.outcome), h('span', {}, score ? `score ${score}` : 'no score yet')),
+            h('span', { class: 'target-summary-outcome' }, outcomeChip(st && st.outcome)),
           ),
-          st ? h('p', { class: 'muted small' }, countsText(st.counts)) : null,
+          st ? h('p', { class: 'target-headline' }, headlineText(st, listed(st))) : h('p', { class: 'muted small' }, 'No criterion is decided yet.'),
+          st ? h('p', { class: 'muted small' }, countsText(st.counts, listed(st))) : null,
         ),
       );
     }
@@ -1290,7 +1969,7 @@
             return h(
               'td',
               { class: 'status-cell' },
-              h('span', { class: `status status-${safeId(c.status)}` }, STATUS_WORDS[c.status] || c.status),
+              h('span', { class: `status status-${safeId(c.status)}` }, statusWord(c)),
               detail ? h('span', { class: 'status-detail muted' }, detail) : null,
               c.note && !sharedNote ? h('span', { class: 'status-detail muted' }, c.note) : null,
             );
@@ -1304,19 +1983,31 @@
 
   // ------------------------------------------------------------------ ended
 
+  /**
+   * `ended`: the summary, names revealed. It comes again (with `changed_at`) whenever a later
+   * rating changes an outcome, a score or the counts: the banner is redrawn from the latest one.
+   */
   function onEnded(ev) {
+    const first = !S.ended;
     S.ended = ev;
     for (const t of ev.targets) {
       const known = S.byAlias.get(t.alias);
       if (known) Object.assign(known, { name: t.name, label: t.label, canned: t.canned });
       const st = S.statuses.get(t.alias);
-      if (st) Object.assign(st, { outcome: t.outcome, score: t.score, counts: t.counts });
+      // Every field, even one this server leaves out: a headline must not outlive its counts.
+      if (st) {
+        Object.assign(st, { outcome: t.outcome, score: t.score, counts: t.counts, decided: t.decided, undecided: t.undecided, headline: t.headline });
+      }
     }
     const banner = $('ended-banner');
     const list = $('ended-targets');
     clear(list);
-    $('ended-title').textContent = `Session ended · ${plural(ev.turns, 'turn', 'turns')} · ${formatTime(ev.ended_at)}`;
+    const updated =
+      typeof ev.changed_at === 'number' && ev.changed_at !== ev.ended_at ? ` · updated ${formatClock(ev.changed_at)}` : '';
+    $('ended-title').textContent = `Session ended · ${plural(ev.turns, 'turn', 'turns')} · ${formatTime(ev.ended_at)}${updated}`;
     for (const t of ev.targets) {
+      const st = S.statuses.get(t.alias);
+      const criteria = st && sameCounts(st.criteria, t.counts) ? st.criteria : null;
       list.append(
         h(
           'section',
@@ -1328,16 +2019,20 @@
             h('strong', { text: t.name }),
             t.canned ? h('span', { class: 'badge badge-canned' }, 'canned') : null,
             outcomeChip(t.outcome),
-            h('span', {}, percent(t.score) ? `score ${percent(t.score)}` : 'no score'),
+            t.label && t.label !== t.name ? h('span', { class: 'muted small' }, t.label) : null,
           ),
-          h('p', { class: 'muted small' }, t.label && t.label !== t.name ? `${t.label} · ` : '', countsText(t.counts)),
+          // How much is decided first; the counts follow in the same paragraph (fewer lines).
+          h('p', { class: 'ended-headline' }, headlineText(t, criteria), h('span', { class: 'muted' }, ` (${countsText(t.counts, criteria)})`)),
         ),
       );
     }
     banner.hidden = false;
     renderSessionHead();
     renderCriteria();
-    for (const turn of S.turns.values()) for (const answer of turn.answers.values()) renderAnswer(answer);
+    for (const turn of S.turns.values()) {
+      renderTurnHead(turn); // markers can no longer be removed
+      for (const answer of turn.answers.values()) renderAnswer(answer);
+    }
     renderOffered();
     renderMarkers();
     hideEndConfirm();
@@ -1347,7 +2042,15 @@
     } catch (err) {
       /* nothing stored */
     }
-    if (S.replayDone) announce('The session has ended. Target names are revealed.');
+    if (S.replayDone) announce(first ? 'The session has ended. Target names are revealed.' : 'The session’s outcome was updated.');
+  }
+
+  /** Whether per-criterion statuses still add up to these counts (else they are older). */
+  function sameCounts(criteria, counts) {
+    if (!criteria || !counts) return false;
+    const tally = { met: 0, violated: 0, missed: 0, pending: 0, awaiting: 0, not_applicable: 0 };
+    for (const c of criteria) tally[c.status === 'n/a' ? 'not_applicable' : c.status] += 1;
+    return Object.keys(tally).every((key) => (counts[key] || 0) === tally[key]);
   }
 
   // ------------------------------------------------------------------ controls
@@ -1416,6 +2119,7 @@
     if (!S.started) {
       // Nothing can be sent before the session is known.
       for (const id of ['send', 'stop', 'end', 'send-offered', 'edit-offered']) $(id).disabled = true;
+      $('end').hidden = true; // nothing to end yet (or the session was not found)
       return;
     }
     const ended = !!S.ended;
@@ -1440,6 +2144,11 @@
     $('end').disabled = ended || !online || pending('end');
     $('end').hidden = ended;
     for (const b of document.querySelectorAll('.marker-button')) b.disabled = ended || !online || S.lastTurn === 0 || pending('mark');
+    // Which turn a marker button marks, by number (shorter than "the latest turn", and exact).
+    const markLabel = S.lastTurn ? `Mark turn ${S.lastTurn}:` : 'Mark the latest turn:';
+    if ($('markers-label').textContent !== markLabel) $('markers-label').textContent = markLabel;
+    // "Ask again" follows whether anything streams and which turn is the latest.
+    for (const turn of S.turns.values()) for (const answer of turn.answers.values()) renderAskAgain(answer);
 
     const error = $('composer-error');
     if (ready && error.dataset.kind === 'streaming') {
@@ -1479,6 +2188,7 @@
       const draft = sessionStorage.getItem(draftKey());
       if (draft) textarea.value = draft;
       fitTextarea();
+      checkLineLength();
     } catch (err) {
       /* nothing to restore */
     }
@@ -1491,8 +2201,31 @@
     else textarea.style.height = '';
   }
 
+  /**
+   * Says next to the composer when the line is longer than the server accepts (counted as the
+   * server does: trimmed, in characters), and clears that once it fits. True when too long.
+   */
+  function checkLineLength() {
+    const error = $('composer-error');
+    const limit = maxTextChars();
+    // A string is never fewer UTF-16 units than characters: short ones need no counting.
+    const chars = textarea.value.length > limit ? charCount(textarea.value.trim()) : 0;
+    if (chars > limit) {
+      showInline(error, `This line has ${count(chars)} characters; the limit is ${count(limit)}. Shorten it to send it.`);
+      error.dataset.kind = 'too-long';
+      return true;
+    }
+    if (error.dataset.kind === 'too-long') {
+      error.hidden = true;
+      error.dataset.kind = '';
+    }
+    return false;
+  }
+
   textarea.addEventListener('input', () => {
     $('composer-error').hidden = true;
+    $('composer-error').dataset.kind = '';
+    checkLineLength();
     if (!S.ended) saveDraft();
     fitTextarea();
   });
@@ -1523,6 +2256,7 @@
       showInline(error, 'Type a line first.');
       return;
     }
+    if (checkLineLength()) return;
     error.hidden = true;
     error.dataset.kind = '';
     S.justSent = true;
@@ -1592,6 +2326,7 @@
   }
 
   $('end').addEventListener('click', () => {
+    $('end-error').hidden = true;
     $('end-confirm').hidden = false;
     $('end-no').focus();
   });
@@ -1616,7 +2351,7 @@
         },
         onError: (_ev, words) => {
           $('end-yes').disabled = false;
-          showInline($('composer-error'), `The session was not ended: ${words}`);
+          showInline($('end-error'), `The session was not ended: ${words}`);
         },
       },
     );
@@ -1709,6 +2444,7 @@
       row('Blind', blind ? 'yes: names hidden and order shuffled until the end' : 'no'),
       label ? row('Label', label) : null,
     ]);
+    renderWarnAbout(scenario);
     startForm.hidden = true;
     $('recent').hidden = true;
     $('warning-step').hidden = false;
@@ -1791,8 +2527,11 @@
         t.name ? t.name : h('span', { class: 'muted' }, 'hidden'),
         known && known.canned ? [' ', h('span', { class: 'badge badge-canned' }, 'canned')] : null,
         ' ',
-        outcomeChip(t.outcome || (item.status === 'ended' ? 'undecided' : 'in_progress')),
-        percent(t.score) ? h('span', { class: 'muted' }, ` ${percent(t.score)}`) : null,
+        t.outcome || item.status !== 'ended' ? outcomeChip(t.outcome || 'in_progress') : h('span', { class: 'muted' }, 'no outcome'),
+        // A bare percentage reads as a pass: say it is of the decided criteria only.
+        percent(t.score)
+          ? h('span', { class: 'muted', title: t.headline || null }, typeof t.decided === 'number' ? ` score ${percent(t.score)} of ${t.decided} decided` : ` score ${percent(t.score)} of those decided`)
+          : null,
       );
     });
   }
@@ -1887,6 +2626,7 @@
     loadRecent();
   }
 
-  // For debugging in the console only.
-  window.vigil = { state: S, conn: Conn, outbox };
+  // For debugging in the console only. `inject` hands the page an event as if the server had sent
+  // it (to try events a server does not send yet); it changes nothing on the server.
+  window.vigil = { state: S, conn: Conn, outbox, inject: (ev) => onEvent(ev) };
 })();
