@@ -11,6 +11,24 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Libraries whose own logging can carry clinical text (every WebSocket frame, patient lines
+/// included, at `trace`): always off, whatever the filter asks for.
+const SILENT_LIBRARIES: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
+
+/// The log filter from `VIGIL_LOG` (or `RUST_LOG`), default `vigil=info,warn`, with the
+/// libraries that would log transcripts switched off.
+pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let mut filter = spec
+        .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("vigil=info,warn"));
+    for library in SILENT_LIBRARIES {
+        if let Ok(directive) = format!("{library}=off").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 /// The name of the configuration file looked up in the working directory when none is given.
 pub const DEFAULT_CONFIG_FILE: &str = "vigil.toml";
 
@@ -364,6 +382,21 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("****")
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::log_filter;
+
+    #[test]
+    fn frame_logging_stays_off_even_at_trace() {
+        for spec in [Some("trace"), Some("tungstenite=trace,vigil=debug"), None] {
+            let filter = log_filter(spec).to_string();
+            assert!(filter.contains("tungstenite=off"), "{filter}");
+            assert!(filter.contains("tokio_tungstenite=off"), "{filter}");
+            assert!(!filter.contains("tungstenite=trace"), "{filter}");
+        }
     }
 }
 

@@ -57,7 +57,7 @@ async fn every_kind_of_bad_input_gets_its_error_and_the_connection_stays_usable(
     let err = ws.error_for(Some("m8"), "text_too_long").await;
     assert!(err["message"].as_str().unwrap().contains("4001"), "{err}");
     // A large frame (within the WebSocket limit) is answered the same way.
-    ws.send(json!({"type": "say", "id": "m9", "text": "y".repeat(100_000)}))
+    ws.send(json!({"type": "say", "id": "m9", "text": "y".repeat(60_000)}))
         .await;
     ws.error_for(Some("m9"), "text_too_long").await;
     ws.send(json!({"type": "say", "id": "m10", "text": "   "}))
@@ -279,5 +279,24 @@ async fn a_rate_limit_before_the_first_byte_is_retried() {
         (Some("stop"), Some("Third time lucky."))
     );
     assert_eq!(app.upstream.requests("fake").len(), 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_frame_over_the_limit_closes_with_1009_and_invalid_utf8_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, coding::Data, coding::OpCode};
+    let app = spawn_app().await;
+    for (bytes, opcode, expected) in [
+        (vec![b'x'; 70 * 1024], OpCode::Data(Data::Text), 1009),
+        (vec![0xff, 0xfe, 0x41], OpCode::Data(Data::Text), 1007),
+    ] {
+        let mut ws = app.ws().await;
+        ws.send_frame(Frame::message(bytes, opcode, true)).await;
+        let code = ws.close_code().await;
+        assert_eq!(code, Some(expected));
+    }
+    // The server goes on serving.
+    let mut ws = app.ws().await;
+    ws.start("scripted", &["demo"], "free").await;
     app.stop().await;
 }

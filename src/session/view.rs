@@ -17,8 +17,9 @@ use crate::store::{
     AnswerRow, MarkerRow, PreferenceRow, SessionListItem, SessionRecord, SessionTargetRow,
 };
 
-/// Largest WebSocket frame the server reads (a larger one closes the connection with 1009).
-pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+/// Largest WebSocket frame the server reads (a larger one closes the connection with 1009):
+/// 64 KiB, as OWASP's WebSocket guidance suggests; a patient line has its own, smaller limit.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
 pub fn scenario_view(s: &Scenario) -> ScenarioView {
     ScenarioView {

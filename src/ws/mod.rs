@@ -11,8 +11,9 @@
 //! `seq`.
 //!
 //! Bad input never closes the connection: each problem is an `error` event with a stable code
-//! and the connection stays usable. Only frames larger than the frame limit are refused by the
-//! WebSocket layer itself.
+//! and the connection stays usable. Only what the WebSocket layer itself cannot read closes it,
+//! with the code that says why: a frame over the 64 KiB limit (1009), a text frame that is not
+//! UTF-8 (1007).
 //!
 //! The person connecting names themself with `?name=` (until accounts exist); without it the
 //! configured default rater is used.
@@ -44,6 +45,10 @@ use protocol::{ClientMessage, FrameError, decode};
 const OUTGOING_QUEUE: usize = 256;
 /// Code 1001 "going away", sent when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// Code 1007: a text frame that is not valid UTF-8.
+const CLOSE_INVALID_DATA: u16 = 1007;
+/// Code 1009: a frame or message larger than the limit.
+const CLOSE_TOO_BIG: u16 = 1009;
 /// Longest an `ack` waits for the events it follows.
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
@@ -143,6 +148,10 @@ async fn serve(socket: WebSocket, state: WsState, principal: Principal) {
                 Some(Ok(_)) => {} // ping and pong are answered by the library
                 Some(Err(err)) => {
                     tracing::debug!(error = %err, "websocket read failed");
+                    // Say why, with the code the protocol gives for it, where there is one.
+                    if let Some(close) = close_for(err) {
+                        let _ = reader.out.send(Outgoing::Close(close)).await;
+                    }
                     break;
                 }
             },
@@ -435,6 +444,23 @@ impl Writer {
             }
         }
     }
+}
+
+/// The close frame for a read error the client caused: too big (1009) or not UTF-8 (1007).
+fn close_for(err: axum::Error) -> Option<CloseFrame> {
+    let inner = err.into_inner();
+    let (code, reason) = match inner.downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Capacity(_) => (
+            CLOSE_TOO_BIG,
+            "the frame is larger than the server accepts (64 KiB)",
+        ),
+        tungstenite::Error::Utf8(_) => (CLOSE_INVALID_DATA, "a text frame must be valid UTF-8"),
+        _ => return None,
+    };
+    Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    })
 }
 
 async fn next_live(

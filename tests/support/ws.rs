@@ -55,6 +55,29 @@ impl WsClient {
         self.socket.send(Message::text(text)).await.unwrap();
     }
 
+    /// Sends a raw frame (for frames no well-behaved client would send).
+    pub async fn send_frame(
+        &mut self,
+        frame: tokio_tungstenite::tungstenite::protocol::frame::Frame,
+    ) {
+        // A failure here means the server already closed, which the caller then reads.
+        let _ = self.socket.send(Message::Frame(frame)).await;
+    }
+
+    /// Reads until the server closes; returns the close code it sent, if any.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            let frame = tokio::time::timeout(EVENT_TIMEOUT, self.socket.next())
+                .await
+                .expect("the server closes in time");
+            match frame {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
     pub async fn send_binary(&mut self, bytes: Vec<u8>) {
         self.socket.send(Message::binary(bytes)).await.unwrap();
     }
