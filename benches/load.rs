@@ -273,9 +273,13 @@ async fn start_session(address: SocketAddr, target: &str) -> Socket {
 }
 
 async fn start_scenario(address: SocketAddr, scenario: &str, target: &str, mode: &str) -> Socket {
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-        .await
-        .unwrap();
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{address}/ws").into_client_request().unwrap();
+    // As the server's own page would (servers before the Origin check ignore it).
+    request
+        .headers_mut()
+        .insert("origin", format!("http://{address}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     // A unique id per client: a repeated `start` id would (correctly) reopen the same session.
     let id = format!("start-{}", uuid::Uuid::new_v4());
     let start =

@@ -55,6 +55,44 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// How long shutdown waits for sessions and connections to finish, in seconds.
     pub shutdown_grace_secs: u64,
+    /// Page origins (`scheme://host:port`, exactly) allowed to open the WebSocket, besides the
+    /// origins this server serves itself (`http://127.0.0.1:PORT`, `http://localhost:PORT`).
+    pub allowed_origins: Vec<String>,
+    /// `Host` names (`host:port`) this server answers to, besides its own address and
+    /// `localhost:PORT` (a reverse proxy's name, for instance). Any other `Host` is refused
+    /// with 403, which is what keeps DNS rebinding away from the API.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl ServerConfig {
+    /// The `Host` values this server answers to, once it listens on `port`.
+    pub fn served_hosts(&self, port: u16) -> Vec<String> {
+        let mut hosts = vec![format!("127.0.0.1:{port}"), format!("localhost:{port}")];
+        let ip = self.bind.ip();
+        if ip.is_ipv6() {
+            hosts.push(format!("[{ip}]:{port}"));
+        } else if !ip.is_loopback() && !ip.is_unspecified() {
+            hosts.push(format!("{ip}:{port}"));
+        }
+        hosts.extend(self.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()));
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    /// The page origins allowed to open the WebSocket, once the server listens on `port`.
+    pub fn allowed_origins(&self, port: u16) -> Vec<String> {
+        let mut origins: Vec<String> = self
+            .served_hosts(port)
+            .iter()
+            .filter(|h| !self.allowed_hosts.contains(h))
+            .map(|h| format!("http://{h}"))
+            .collect();
+        origins.extend(self.allowed_origins.iter().cloned());
+        origins.sort();
+        origins.dedup();
+        origins
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -157,6 +195,8 @@ impl Default for ServerConfig {
             scenarios: PathBuf::from("scenarios"),
             max_sessions: 2_000,
             shutdown_grace_secs: 10,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -340,6 +380,12 @@ impl Config {
                 text.push_str(&format!("# target `{}`: ${var} is {state}\n", target.name));
             }
         }
+        let port = self.server.bind.port();
+        text.push_str(&format!(
+            "# WebSocket origins allowed: {}\n# Host names answered: {}\n",
+            self.server.allowed_origins(port).join(", "),
+            self.server.served_hosts(port).join(", ")
+        ));
         text
     }
 }

@@ -89,7 +89,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
         let address = listener.local_addr()?;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-        let state = AppState::new(Arc::new(config), sessions, shutdown)?;
+        let state = AppState::new(Arc::new(config), sessions, shutdown, address.port())?;
         Ok(Self {
             listener,
             address,

@@ -300,3 +300,60 @@ async fn a_frame_over_the_limit_closes_with_1009_and_invalid_utf8_with_1007() {
     ws.start("scripted", &["demo"], "free").await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn only_this_servers_pages_open_the_websocket_and_only_its_host_names_are_served() {
+    let app = spawn_app().await;
+    let address = app.address;
+    for origin in [
+        Some("https://evil.example"),
+        Some("null"),
+        None,
+        Some("http://127.0.0.1:1"),
+    ] {
+        let refused =
+            tokio_tungstenite::connect_async(crate::support::upgrade_request(address, "", origin))
+                .await
+                .expect_err("the upgrade is refused");
+        match refused {
+            tokio_tungstenite::tungstenite::Error::Http(response) => {
+                assert_eq!(response.status(), 403, "origin {origin:?}")
+            }
+            other => panic!("origin {origin:?}: {other}"),
+        }
+    }
+    // Its own pages, under either of its names.
+    for origin in [
+        format!("http://{address}"),
+        format!("http://localhost:{}", address.port()),
+    ] {
+        tokio_tungstenite::connect_async(crate::support::upgrade_request(
+            address,
+            "",
+            Some(&origin),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{origin}: {e}"));
+    }
+
+    // DNS rebinding: the API under a name this server does not serve.
+    let client = reqwest::Client::new();
+    for path in ["/api/sessions", "/", "/healthz", "/ws"] {
+        let response = client
+            .get(app.url(path))
+            .header("host", "evil.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "forbidden_host", "{path}");
+    }
+    let response = client
+        .get(format!("http://localhost:{}/healthz", address.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    app.stop().await;
+}

@@ -35,15 +35,23 @@ pub struct AppState {
     /// Every WebSocket connection, so shutdown can wait for them.
     pub connections: TaskTracker,
     pub pages: Arc<pages::Pages>,
+    /// The `Host` values this server answers to; any other is refused (DNS rebinding).
+    pub hosts: Arc<Vec<String>>,
+    /// The page origins allowed to open the WebSocket.
+    pub origins: Arc<Vec<String>>,
 }
 
 impl AppState {
+    /// The state of a server listening on `port`.
     pub fn new(
         config: Arc<Config>,
         sessions: Sessions,
         shutdown: CancellationToken,
+        port: u16,
     ) -> anyhow::Result<Self> {
         Ok(Self {
+            hosts: Arc::new(config.server.served_hosts(port)),
+            origins: Arc::new(config.server.allowed_origins(port)),
             config,
             sessions,
             shutdown,
@@ -59,6 +67,7 @@ impl FromRef<AppState> for WsState {
             sessions: state.sessions.clone(),
             shutdown: state.shutdown.clone(),
             connections: state.connections.clone(),
+            origins: Arc::clone(&state.origins),
         }
     }
 }
@@ -76,6 +85,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(api::healthz))
         .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(64 * 1024))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.hosts),
+            served_host_only,
+        ))
         .layer(
             // Paths only: never query strings or bodies, which could hold clinical text.
             TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
@@ -87,6 +100,35 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .with_state(state)
+}
+
+/// Refuses, before any work, a request whose `Host` this server does not serve: a page on
+/// another site that rebinds its name to 127.0.0.1 must not reach the API or the WebSocket.
+async fn served_host_only(
+    axum::extract::State(hosts): axum::extract::State<Arc<Vec<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .or_else(|| {
+            request
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_ascii_lowercase())
+        });
+    match host {
+        Some(host) if hosts.contains(&host) => next.run(request).await,
+        _ => AppError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "this server does not answer to that host name",
+        )
+        .into_response(),
+    }
 }
 
 async fn not_found() -> AppError {

@@ -15,8 +15,10 @@
 //! with the code that says why: a frame over the 64 KiB limit (1009), a text frame that is not
 //! UTF-8 (1007).
 //!
-//! The person connecting names themself with `?name=` (until accounts exist); without it the
-//! configured default rater is used.
+//! The upgrade is refused (403) unless its `Origin` is one this server allows (its own pages by
+//! default); every request's `Host` is checked by `http` before that. The person connecting
+//! names themself with `?name=` (until accounts exist); without it the configured default
+//! rater is used.
 
 pub mod protocol;
 
@@ -60,6 +62,8 @@ pub struct WsState {
     pub shutdown: CancellationToken,
     /// Every WebSocket connection, so shutdown can wait for them.
     pub connections: TaskTracker,
+    /// The page origins allowed to open a connection (exactly; no `Origin`, no connection).
+    pub origins: Arc<Vec<String>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -73,7 +77,20 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
     Query(params): Query<ConnectParams>,
     State(state): State<WsState>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
+    // Any web page can open a WebSocket to loopback; only our own pages (and those the
+    // configuration names) may. Checked before anything else.
+    let origin = headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok());
+    if !origin.is_some_and(|o| state.origins.iter().any(|allowed| allowed == o)) {
+        let body = serde_json::json!({
+            "code": "forbidden_origin",
+            "message": "WebSocket connections are accepted only from this server's own pages (an `Origin` it allows)",
+        });
+        return (StatusCode::FORBIDDEN, Json(body)).into_response();
+    }
     let principal = match params.name.as_deref() {
         Some(name) => match Principal::human(name) {
             Ok(principal) => principal,

@@ -15,7 +15,7 @@ use vigil::config::{Config, TargetConfig};
 use vigil::startup::Application;
 
 pub use upstream::{FakeUpstream, Gate, Reply};
-pub use ws::{WsClient, status_of, verdict_of};
+pub use ws::{WsClient, status_of, upgrade_request, verdict_of};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

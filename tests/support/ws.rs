@@ -22,16 +22,17 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(address: SocketAddr) -> Self {
-        Self::connect_to(format!("ws://{address}/ws")).await
+        Self::connect_to(address, "").await
     }
 
     /// Connects as a named person (`human:<name>`).
     pub async fn connect_as(address: SocketAddr, name: &str) -> Self {
-        Self::connect_to(format!("ws://{address}/ws?name={name}")).await
+        Self::connect_to(address, &format!("?name={name}")).await
     }
 
-    async fn connect_to(url: String) -> Self {
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    async fn connect_to(address: SocketAddr, query: &str) -> Self {
+        let request = upgrade_request(address, query, Some(&format!("http://{address}")));
+        let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         let prefix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         Self {
             socket,
@@ -268,6 +269,24 @@ impl WsClient {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// The upgrade request of `/ws{query}` on `address`, with this `Origin` (as a page would send it).
+pub fn upgrade_request(
+    address: SocketAddr,
+    query: &str,
+    origin: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{address}/ws{query}")
+        .into_client_request()
+        .unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+    }
+    request
 }
 
 /// The status of `criterion` for `target` in a `criteria` event.
