@@ -357,3 +357,34 @@ async fn only_this_servers_pages_open_the_websocket_and_only_its_host_names_are_
     assert_eq!(response.status(), 200);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_id_from_another_client_never_reaches_someone_elses_session() {
+    let app = spawn_app().await;
+    let mut owner = crate::support::WsClient::connect_client(app.address, "tab-owner").await;
+    owner
+        .send(json!({"type": "start", "id": "c1", "scenario": "scripted", "targets": ["demo"]}))
+        .await;
+    let mine = owner.next_of("started").await["session"].clone();
+    owner.ack("c1").await;
+    owner.say("a line only the owner should see").await;
+
+    // Another client, with the id the protocol's own examples use.
+    let mut other = app.ws().await;
+    other
+        .send(json!({"type": "start", "id": "c1", "scenario": "uk", "targets": ["demo"]}))
+        .await;
+    let started = other.next_of("started").await;
+    other.ack("c1").await;
+    assert_ne!(
+        started["session"], mine,
+        "attached to someone else's session"
+    );
+    assert_eq!(started["scenario"]["id"], "uk");
+    assert!(
+        other.seen.iter().all(|e| e["type"] != "patient"),
+        "{:?}",
+        other.seen
+    );
+    app.stop().await;
+}

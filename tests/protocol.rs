@@ -383,13 +383,15 @@ async fn a_message_resent_with_the_same_id_is_acknowledged_but_applied_once() {
     assert_eq!(ws.seen.iter().filter(|e| e["type"] == "patient").count(), 1);
 
     // A resent start opens the same session instead of a second one.
-    let mut again = app.ws().await;
+    // A start resent after a reconnect (the same client) opens the same session instead of a
+    // second one.
+    let mut again = crate::support::WsClient::connect_client(app.address, "tab-1").await;
     again
         .send(json!({"type": "start", "id": "start-1", "scenario": "uk", "targets": ["demo"]}))
         .await;
     let first = again.next_of("started").await;
     again.ack("start-1").await;
-    let mut third = app.ws().await;
+    let mut third = crate::support::WsClient::connect_client(app.address, "tab-1").await;
     third
         .send(json!({"type": "start", "id": "start-1", "scenario": "uk", "targets": ["demo"]}))
         .await;

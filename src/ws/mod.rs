@@ -70,7 +70,13 @@ pub struct WsState {
 pub struct ConnectParams {
     /// The display name of the person connecting.
     name: Option<String>,
+    /// The client's own id (a browser tab's, kept across its reconnects): message ids are
+    /// matched only within it. Without it, only within this connection.
+    client: Option<String>,
 }
+
+/// Longest client id.
+const MAX_CLIENT_CHARS: usize = 64;
 
 /// `GET /ws[?name=...]`.
 pub async fn upgrade(
@@ -101,6 +107,28 @@ pub async fn upgrade(
         },
         None => Principal::parse(&state.sessions.config().human_rater),
     };
+    let client = match params.client {
+        Some(client)
+            if !client.is_empty()
+                && client.len() <= MAX_CLIENT_CHARS
+                && client
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            client
+        }
+        Some(_) => {
+            let body = serde_json::json!({
+                "code": "invalid_client",
+                "message": format!("`client` is 1 to {MAX_CLIENT_CHARS} letters, digits, - or _"),
+            });
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
+        None => format!("connection-{}", uuid::Uuid::new_v4().simple()),
+    };
+    // Message ids are the client's: a resent id is matched only for the same person and client,
+    // so nobody can attach to someone else's session by guessing their ids.
+    let scope = format!("{principal}\u{1f}{client}");
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         // Small buffers: an idle connection should cost little memory.
@@ -109,7 +137,7 @@ pub async fn upgrade(
         .on_upgrade(move |socket| async move {
             let connections = state.connections.clone();
             connections
-                .spawn(serve(socket, state, principal))
+                .spawn(serve(socket, state, principal, scope))
                 .await
                 .ok();
         })
@@ -135,7 +163,7 @@ enum Outgoing {
     Close(CloseFrame),
 }
 
-async fn serve(socket: WebSocket, state: WsState, principal: Principal) {
+async fn serve(socket: WebSocket, state: WsState, principal: Principal, scope: String) {
     let (sink, mut frames) = socket.split();
     let (out, outgoing) = mpsc::channel(OUTGOING_QUEUE);
     let writer = tokio::spawn(
@@ -150,6 +178,7 @@ async fn serve(socket: WebSocket, state: WsState, principal: Principal) {
     let mut reader = Reader {
         sessions: state.sessions.clone(),
         principal,
+        scope,
         out,
         attached: None,
     };
@@ -190,6 +219,8 @@ async fn serve(socket: WebSocket, state: WsState, principal: Principal) {
 struct Reader {
     sessions: Sessions,
     principal: Principal,
+    /// Who chose the message ids of this connection (person and client).
+    scope: String,
     out: mpsc::Sender<Outgoing>,
     attached: Option<SessionHandle>,
 }
@@ -230,11 +261,16 @@ impl Reader {
             Err(err) => return self.refuse(err.code.code(), err.message, err.id).await,
         };
         let id = frame.id;
+        // The id as the engine keeps it: within this person's and client's scope.
+        let scoped = id.as_ref().map(|id| format!("{}\u{1f}{id}", self.scope));
         match frame.message {
-            ClientMessage::Start(request) => match self.sessions.start(request).await {
-                Ok(handle) => self.attach(handle, 0, false, id).await,
-                Err(err) => self.refuse_session(&err, id).await,
-            },
+            ClientMessage::Start(mut request) => {
+                request.start_id.clone_from(&scoped);
+                match self.sessions.start(request).await {
+                    Ok(handle) => self.attach(handle, 0, false, id).await,
+                    Err(err) => self.refuse_session(&err, id).await,
+                }
+            }
             ClientMessage::Resume { session, after_seq } => {
                 match self.sessions.open(&session).await {
                     Ok(handle) => self.attach(handle, after_seq, true, id).await,
@@ -252,7 +288,7 @@ impl Reader {
                         .await;
                 };
                 let request = Request {
-                    id: id.clone(),
+                    id: scoped,
                     principal: self.principal.clone(),
                     command,
                 };

@@ -30,6 +30,11 @@ impl WsClient {
         Self::connect_to(address, &format!("?name={name}")).await
     }
 
+    /// Connects as the client `client` (a browser tab that reconnects keeps its id).
+    pub async fn connect_client(address: SocketAddr, client: &str) -> Self {
+        Self::connect_to(address, &format!("?client={client}")).await
+    }
+
     async fn connect_to(address: SocketAddr, query: &str) -> Self {
         let request = upgrade_request(address, query, Some(&format!("http://{address}")));
         let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();

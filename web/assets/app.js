@@ -284,6 +284,25 @@
     },
   };
 
+  /**
+   * This tab's own id, kept across reloads and reconnects: the server matches a resent message
+   * id (a `start` resent after a reconnect) only within it, so no other page can reuse ours.
+   */
+  function clientId() {
+    const key = 'vigil.client';
+    try {
+      let id = sessionStorage.getItem(key);
+      if (!id) {
+        id = newId().replace(/-/g, '');
+        sessionStorage.setItem(key, id);
+      }
+      return id;
+    } catch (err) {
+      if (!clientId.fallback) clientId.fallback = newId().replace(/-/g, '');
+      return clientId.fallback;
+    }
+  }
+
   function renderRater() {
     $('rater-name').textContent = Rater.name() || 'local';
   }
@@ -369,8 +388,10 @@
     window.clearTimeout(Conn.timer);
     Conn.timer = null;
     if (Conn.ws && (Conn.ws.readyState === WebSocket.OPEN || Conn.ws.readyState === WebSocket.CONNECTING)) return;
+    const params = new URLSearchParams({ client: clientId() });
     const name = Rater.name();
-    const query = name ? `?name=${encodeURIComponent(name)}` : '';
+    if (name) params.set('name', name);
+    const query = `?${params}`;
     const url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws${query}`;
     setConn(Conn.attempt ? 'reconnecting' : 'connecting', Conn.attempt ? 'Reconnecting…' : 'Connecting…');
     let ws;
