@@ -417,6 +417,20 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// `text` with every occurrence of this secret replaced by `[redacted]` (some proxies echo
+    /// the request's key in their error bodies). Values shorter than 8 characters are not
+    /// secrets worth the name and are left alone, so ordinary text is never mangled.
+    pub fn redact(&self, text: &str) -> Option<String> {
+        (self.0.len() >= 8 && text.contains(&self.0)).then(|| text.replace(&self.0, "[redacted]"))
+    }
+}
+
+/// Replaces every configured secret in `text`.
+pub fn redact_all(secrets: &[Secret], text: String) -> String {
+    secrets
+        .iter()
+        .fold(text, |text, secret| secret.redact(&text).unwrap_or(text))
 }
 
 impl fmt::Debug for Secret {

@@ -388,3 +388,61 @@ async fn a_message_id_from_another_client_never_reaches_someone_elses_session() 
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_api_key_an_upstream_echoes_is_never_stored_or_shown() {
+    use crate::support::{FakeUpstream, WsClient, binary::start_vigil, fixture_scenarios};
+    const KEY: &str = "sk-test-4f9a1c2e7b3d";
+    vigil::tls::install_provider();
+    let upstream = FakeUpstream::start().await;
+    upstream.push("fake", Reply::EchoAuth(401));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vigil.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\nscenarios = \"{}\"\n\n\
+             [[targets]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake\"\nretries = 0\napi_key_env = \"VIGIL_TEST_KEY\"\n",
+            dir.path().join("vigil.db").display(),
+            fixture_scenarios().display(),
+            upstream.url
+        ),
+    )
+    .unwrap();
+    let (mut child, address) = start_vigil(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_vigil")),
+        &config,
+        &[("VIGIL_TEST_KEY", KEY.to_owned())],
+    )
+    .await;
+    let mut ws = WsClient::connect(address).await;
+    let session = ws.start("scripted", &["fake"], "free").await["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.say("hello").await;
+    let answer = ws.answers(1, &["A"]).await.remove(0);
+    assert_eq!(answer["error"]["code"], "target_auth_failed", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("[redacted]"), "{message}");
+    assert!(
+        ws.seen.iter().all(|e| !e.to_string().contains(KEY)),
+        "shown"
+    );
+    let stored = reqwest::get(format!("http://{address}/api/sessions/{session}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!stored.contains(KEY), "stored: {stored}");
+    let database = std::fs::read(dir.path().join("vigil.db")).unwrap_or_default();
+    let wal = std::fs::read(dir.path().join("vigil.db-wal")).unwrap_or_default();
+    for bytes in [database, wal] {
+        assert!(
+            !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "the key is in the database files"
+        );
+    }
+    child.kill().await.unwrap();
+}

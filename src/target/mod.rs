@@ -100,6 +100,30 @@ impl TargetError {
     pub fn code(&self) -> &'static str {
         TargetErrorCode::from(self).as_str()
     }
+
+    /// The same error with every configured secret taken out of its text.
+    pub fn redacted(self, secrets: &[Secret]) -> Self {
+        let r = |text: String| crate::config::redact_all(secrets, text);
+        match self {
+            TargetError::Connect(m) => TargetError::Connect(r(m)),
+            TargetError::Auth { status, message } => TargetError::Auth {
+                status,
+                message: r(message),
+            },
+            TargetError::RateLimited(m) => TargetError::RateLimited(r(m)),
+            TargetError::Http { status, message } => TargetError::Http {
+                status,
+                message: r(message),
+            },
+            TargetError::Malformed(m) => TargetError::Malformed(r(m)),
+            TargetError::Truncated(m) => TargetError::Truncated(r(m)),
+            other @ (TargetError::ConnectTimeout(_)
+            | TargetError::FirstTokenTimeout(_)
+            | TargetError::Stalled(_)
+            | TargetError::TotalTimeout(_)
+            | TargetError::MissingKey(_)) => other,
+        }
+    }
 }
 
 impl TargetErrorCode {
@@ -167,9 +191,19 @@ impl Targets {
             .user_agent(concat!("vigil/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        // Every key configured here, so that none of them is ever passed on from an upstream.
+        let secrets: Arc<Vec<Secret>> = Arc::new(
+            configs
+                .iter()
+                .filter_map(|c| c.api_key_env.as_ref())
+                .filter_map(|var| std::env::var(var).ok())
+                .filter(|value| !value.is_empty())
+                .map(Secret::new)
+                .collect(),
+        );
         let mut by_name = BTreeMap::new();
         for config in configs {
-            let target = build_target(config, &client)?;
+            let target = build_target(config, &client, &secrets)?;
             by_name.insert(config.name.clone(), target);
         }
         Ok(Self { by_name })
@@ -188,7 +222,11 @@ impl Targets {
     }
 }
 
-fn build_target(config: &TargetConfig, client: &reqwest::Client) -> Result<Target, String> {
+fn build_target(
+    config: &TargetConfig,
+    client: &reqwest::Client,
+    secrets: &Arc<Vec<Secret>>,
+) -> Result<Target, String> {
     let name = &config.name;
     if name.trim().is_empty() {
         return Err("a target has an empty `name`".to_owned());
@@ -249,6 +287,7 @@ fn build_target(config: &TargetConfig, client: &reqwest::Client) -> Result<Targe
                 model: model.clone(),
                 key,
                 key_env: config.api_key_env.clone(),
+                secrets: Arc::clone(secrets),
                 temperature: config.temperature,
                 max_tokens: config.max_tokens,
                 stream: config.stream,

@@ -28,6 +28,8 @@ pub struct Settings {
     pub model: String,
     pub key: Option<Secret>,
     pub key_env: Option<String>,
+    /// Every key configured on this server, redacted from whatever the model sends back.
+    pub secrets: Arc<Vec<Secret>>,
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
     pub stream: bool,
@@ -61,7 +63,14 @@ impl OpenAi {
 impl ChatModel for OpenAi {
     fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream {
         // Polled directly by whoever consumes the answer: no task or channel in between.
-        Box::pin(answer(Arc::clone(&self.settings), messages))
+        let secrets = Arc::clone(&self.settings.secrets);
+        let redact = move |item: Result<Chunk, TargetError>| match item {
+            // Nothing an upstream sends is stored, logged or shown with a key in it.
+            Ok(Chunk::Text(text)) => Ok(Chunk::Text(crate::config::redact_all(&secrets, text))),
+            Err(err) => Err(err.redacted(&secrets)),
+            other => other,
+        };
+        Box::pin(answer(Arc::clone(&self.settings), messages).map(redact))
     }
 }
 

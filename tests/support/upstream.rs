@@ -61,6 +61,9 @@ pub enum Reply {
     CutAfter(Vec<String>),
     /// These chunks, then wait for the gate, then the rest and `[DONE]`.
     Gated(Vec<String>, Arc<Gate>, Vec<String>),
+    /// An HTTP error whose body repeats the request's `Authorization` header, as some proxies
+    /// do; and, streamed, an answer that repeats it too.
+    EchoAuth(u16),
 }
 
 /// A request as the fake received it.
@@ -135,7 +138,11 @@ fn words(text: &str) -> Vec<String> {
 const ROLE_CHUNK: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
 const FINISH: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
 
-async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn completions(
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let request: Value = serde_json::from_slice(&body).unwrap();
     let model = request["model"].as_str().unwrap_or_default().to_owned();
     let messages: Vec<(String, String)> = request["messages"]
@@ -170,6 +177,14 @@ async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
 
     if let Reply::Status(status, body) = &reply {
         return (StatusCode::from_u16(*status).unwrap(), body.clone()).into_response();
+    }
+    if let Reply::EchoAuth(status) = &reply {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let body = json!({"error": {"message": format!("invalid credentials: {auth}")}});
+        return (StatusCode::from_u16(*status).unwrap(), body.to_string()).into_response();
     }
     if !stream {
         let Reply::Text(text) = reply else {
@@ -228,7 +243,7 @@ async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
                 }
                 send(FINISH.to_owned()).await;
             }
-            Reply::Status(..) => unreachable!(),
+            Reply::Status(..) | Reply::EchoAuth(_) => unreachable!(),
         }
     });
     (
