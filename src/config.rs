@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub scenarios: PathBuf,
     /// Live sessions held in memory at once; starting one more is refused with `server_busy`.
     pub max_sessions: usize,
+    /// Live sessions one person (principal) may hold at once; one more is refused with
+    /// `too_many_sessions`, so that nobody can fill the server for everyone else.
+    pub max_sessions_per_person: usize,
     /// How long shutdown waits for sessions and connections to finish, in seconds.
     pub shutdown_grace_secs: u64,
     /// Page origins (`scheme://host:port`, exactly) allowed to open the WebSocket, besides the
@@ -194,6 +197,7 @@ impl Default for ServerConfig {
             database_url: "sqlite://data/vigil.db".to_owned(),
             scenarios: PathBuf::from("scenarios"),
             max_sessions: 2_000,
+            max_sessions_per_person: 20,
             shutdown_grace_secs: 10,
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),

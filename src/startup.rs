@@ -76,6 +76,7 @@ impl Application {
             Arc::new(targets),
             SessionsConfig {
                 max_sessions: config.server.max_sessions,
+                max_sessions_per_person: config.server.max_sessions_per_person,
                 max_targets: config.session.max_targets,
                 max_text_chars: config.session.max_text_chars,
                 idle: Duration::from_secs(config.session.idle_secs),

@@ -446,3 +446,44 @@ async fn an_api_key_an_upstream_echoes_is_never_stored_or_shown() {
     }
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn one_person_cannot_fill_the_server_and_unused_sessions_leave_memory() {
+    use crate::support::WsClient;
+    let app = spawn_app_with(Db::Sqlite, |c| c.server.max_sessions_per_person = 2).await;
+    let mut ana = Vec::new();
+    for _ in 0..2 {
+        let mut ws = WsClient::connect_as(app.address, "Ana").await;
+        ws.start("scripted", &["demo"], "free").await;
+        ana.push(ws);
+    }
+    let mut third = WsClient::connect_as(app.address, "Ana").await;
+    third
+        .refused(
+            json!({"type": "start", "scenario": "scripted", "targets": ["demo"]}),
+            "too_many_sessions",
+        )
+        .await;
+    // Somebody else is not locked out.
+    let mut ben = WsClient::connect_as(app.address, "Ben").await;
+    ben.start("scripted", &["demo"], "free").await;
+
+    // Ana leaves without using them: her sessions leave memory, and she can start again.
+    for ws in ana {
+        ws.close().await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (_, health) = app.get("/healthz").await;
+        if health["live_sessions"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unused sessions stayed: {health}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // polling a condition
+    }
+    third.start("scripted", &["demo"], "free").await;
+    app.stop().await;
+}

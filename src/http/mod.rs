@@ -195,6 +195,7 @@ fn session_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::UnknownMarker
         | ErrorCode::UnknownTurn
         | ErrorCode::UnknownCriterion => StatusCode::NOT_FOUND,
+        ErrorCode::TooManySessions => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::StorageFailed | ErrorCode::ServerBusy | ErrorCode::SessionGone => {
             StatusCode::SERVICE_UNAVAILABLE
         }

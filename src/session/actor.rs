@@ -203,8 +203,12 @@ impl Actor {
     }
 
     fn evictable(&self) -> bool {
+        // Never used (no patient line) and nobody watching: nothing to keep it for (a second's
+        // grace covers the moment between its start and its first viewer attaching).
         let idle = if self.state.phase() == Phase::Ended {
             self.ctx.ended_idle
+        } else if self.state.turns() == 0 {
+            Duration::from_secs(1)
         } else {
             self.ctx.idle
         };

@@ -27,6 +27,10 @@ pub enum SessionError {
     TargetUnavailable(String),
     #[error("this server already holds {max} live sessions, its limit; try again shortly")]
     ServerBusy { max: usize },
+    #[error(
+        "you already have {max} sessions open, the most one person may; end or leave one first"
+    )]
+    TooManySessions { max: usize },
     #[error("there is no session `{id}`")]
     UnknownSession { id: String },
     #[error("the session is no longer in memory; resume it")]

@@ -82,6 +82,10 @@ pub struct StartRequest {
     /// Hide target names until the end; defaults to true with several targets.
     #[serde(default)]
     pub blind: Option<bool>,
+    /// Who starts it (set by the edge, not the client): each person may hold only so many
+    /// live sessions.
+    #[serde(skip)]
+    pub owner: Option<Principal>,
 }
 
 /// A human rating of one answer.

@@ -33,6 +33,7 @@ const COMMAND_QUEUE: usize = 32;
 #[derive(Debug, Clone)]
 pub struct SessionsConfig {
     pub max_sessions: usize,
+    pub max_sessions_per_person: usize,
     pub max_targets: usize,
     pub max_text_chars: usize,
     pub idle: Duration,
@@ -42,7 +43,14 @@ pub struct SessionsConfig {
     pub human_rater: String,
 }
 
-type LiveMap = Arc<Mutex<HashMap<String, (u64, SessionHandle)>>>;
+/// Live sessions by id: the task's instance, its handle, and who started it in this process.
+type LiveMap = Arc<Mutex<HashMap<String, Live>>>;
+
+struct Live {
+    instance: u64,
+    handle: SessionHandle,
+    owner: Option<String>,
+}
 
 struct Inner {
     store: Store,
@@ -184,6 +192,18 @@ impl Sessions {
             chosen.push(target);
         }
         self.check_capacity()?;
+        let owner = request.owner.as_ref().map(ToString::to_string);
+        if let Some(owner) = &owner {
+            let held = lock(&inner.live)
+                .values()
+                .filter(|l| l.owner.as_ref() == Some(owner))
+                .count();
+            if held >= inner.config.max_sessions_per_person {
+                return Err(SessionError::TooManySessions {
+                    max: inner.config.max_sessions_per_person,
+                });
+            }
+        }
 
         let blind = request.blind.unwrap_or(chosen.len() > 1);
         if blind {
@@ -251,17 +271,17 @@ impl Sessions {
             .await
             .map_err(|e| SessionError::storage(&e))?;
         tracing::info!(session = %id, scenario = %scenario.id, targets = chosen.len(), mode = request.mode.as_str(), "session started");
-        Ok(self.spawn(state, models, first.events, None))
+        Ok(self.spawn(state, models, first.events, None, owner))
     }
 
     /// The live session `id`, brought back from the database if it is not in memory.
     pub async fn open(&self, id: &str) -> Result<SessionHandle, SessionError> {
-        if let Some((_, handle)) = lock(&self.inner.live).get(id) {
-            return Ok(handle.clone());
+        if let Some(live) = lock(&self.inner.live).get(id) {
+            return Ok(live.handle.clone());
         }
         let _opening = self.inner.opening.lock(&format!("session:{id}")).await;
-        if let Some((_, handle)) = lock(&self.inner.live).get(id) {
-            return Ok(handle.clone());
+        if let Some(live) = lock(&self.inner.live).get(id) {
+            return Ok(live.handle.clone());
         }
         let record = self.load(id).await?;
         self.check_capacity()?;
@@ -304,7 +324,7 @@ impl Sessions {
             .map(|(seq, json)| Arc::new(Published::stored(seq, json)))
             .collect();
         tracing::info!(session = %id, "session reopened from the database");
-        Ok(self.spawn(state, models, log, first))
+        Ok(self.spawn(state, models, log, first, None))
     }
 
     /// A stored session, as its rows say.
@@ -349,6 +369,7 @@ impl Sessions {
         models: Vec<Option<Arc<dyn ChatModel>>>,
         log: Vec<Arc<Published>>,
         first: Option<super::state::Batch>,
+        owner: Option<String>,
     ) -> SessionHandle {
         let id = state.id().to_owned();
         let instance = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
@@ -356,7 +377,7 @@ impl Sessions {
         let key = id.clone();
         let on_exit = Box::new(move || {
             let mut live = lock(&live);
-            if live.get(&key).is_some_and(|(i, _)| *i == instance) {
+            if live.get(&key).is_some_and(|l| l.instance == instance) {
                 live.remove(&key);
             }
         });
@@ -374,7 +395,14 @@ impl Sessions {
             id: Arc::from(id.as_str()),
             tx: mailbox_tx,
         };
-        lock(&self.inner.live).insert(id, (instance, handle.clone()));
+        lock(&self.inner.live).insert(
+            id,
+            Live {
+                instance,
+                handle: handle.clone(),
+                owner,
+            },
+        );
         self.inner.tracker.spawn(actor.run(mailbox, finished));
         handle
     }

@@ -326,6 +326,11 @@ impl SessionState {
         self.next_seq - 1
     }
 
+    /// Patient lines so far.
+    pub fn turns(&self) -> usize {
+        self.turns.len()
+    }
+
     /// Answers are being generated.
     pub fn answering(&self) -> bool {
         self.targets.iter().any(|t| t.answering.is_some())

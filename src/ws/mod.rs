@@ -266,6 +266,7 @@ impl Reader {
         match frame.message {
             ClientMessage::Start(mut request) => {
                 request.start_id.clone_from(&scoped);
+                request.owner = Some(self.principal.clone());
                 match self.sessions.start(request).await {
                     Ok(handle) => self.attach(handle, 0, false, id).await,
                     Err(err) => self.refuse_session(&err, id).await,
