@@ -154,6 +154,10 @@ pub struct TargetConfig {
     /// Retries for refused connections and 429/5xx answers, before any answer text only.
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// Longest answer kept, in characters: beyond it the answer is cut there, kept, rated as
+    /// cut short and marked `truncated` (a model that runs away cannot exhaust the server).
+    #[serde(default = "default_max_answer_chars")]
+    pub max_answer_chars: usize,
     /// Demo targets: pause between streamed words, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_delay_ms: Option<u64>,
@@ -185,6 +189,9 @@ fn default_stall_timeout_ms() -> u64 {
 }
 fn default_total_timeout_ms() -> u64 {
     300_000
+}
+fn default_max_answer_chars() -> usize {
+    50_000
 }
 fn default_retries() -> u32 {
     2
@@ -235,6 +242,7 @@ impl TargetConfig {
             stall_timeout_ms: default_stall_timeout_ms(),
             total_timeout_ms: default_total_timeout_ms(),
             retries: default_retries(),
+            max_answer_chars: default_max_answer_chars(),
             chunk_delay_ms: None,
             seed: Some(seed),
         }

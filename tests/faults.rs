@@ -487,3 +487,26 @@ async fn one_person_cannot_fill_the_server_and_unused_sessions_leave_memory() {
     third.start("scripted", &["demo"], "free").await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_answer_past_its_targets_limit_is_cut_there_kept_and_said_so() {
+    let app = spawn_app_with(Db::Sqlite, |c| {
+        for t in &mut c.targets {
+            t.max_answer_chars = 100;
+        }
+    })
+    .await;
+    app.upstream
+        .push("fake", Reply::Text("word ".repeat(1_000)));
+    let mut ws = app.ws().await;
+    ws.start("scripted", &["fake"], "free").await;
+    ws.say("talk to me").await;
+    let answer = ws.answers(1, &["A"]).await.remove(0);
+    assert_eq!(answer["finish"], "truncated", "{answer}");
+    assert_eq!(answer["text"].as_str().unwrap().chars().count(), 100);
+    assert_eq!(answer["error"]["code"], "answer_too_long");
+    // The session goes on.
+    ws.say("still there?").await;
+    assert_eq!(ws.answers(2, &["A"]).await[0]["finish"], "stop");
+    app.stop().await;
+}

@@ -71,8 +71,9 @@ type Commit = BoxFuture<'static, Result<(), StoreError>>;
 
 pub(super) struct Actor {
     state: SessionState,
-    /// Per target: the model that answers (`None` when no longer configured).
-    models: Vec<Option<Arc<dyn ChatModel>>>,
+    /// Per target: the model that answers and its longest answer (`None` when no longer
+    /// configured).
+    models: Vec<Option<(Arc<dyn ChatModel>, usize)>>,
     /// Every durable event so far, for clients that resume.
     log: Vec<Arc<Published>>,
     events: broadcast::Sender<Arc<Published>>,
@@ -99,7 +100,7 @@ impl Actor {
     /// events are committed by the registry with its row, so they arrive in `log`).
     pub fn new(
         state: SessionState,
-        models: Vec<Option<Arc<dyn ChatModel>>>,
+        models: Vec<Option<(Arc<dyn ChatModel>, usize)>>,
         log: Vec<Arc<Published>>,
         first: Option<Batch>,
         ctx: Context,
@@ -372,7 +373,7 @@ impl Actor {
             self.answers_cancel = CancellationToken::new();
         }
         for job in jobs {
-            let Some(model) = self.models.get(job.target).cloned().flatten() else {
+            let Some((model, max_chars)) = self.models.get(job.target).cloned().flatten() else {
                 // Cannot happen for a target the state let answer; never leave it hanging.
                 let failed = FinishedAnswer {
                     target: job.target,
@@ -393,6 +394,7 @@ impl Actor {
             let ctx = PumpContext {
                 alias,
                 model,
+                max_chars,
                 live: Arc::clone(&self.live),
                 events: self.events.clone(),
                 cancel: self.answers_cancel.child_token(),

@@ -108,6 +108,8 @@ impl std::fmt::Display for ErrorCode {
 pub enum AnswerFault {
     /// The server stopped (shut down, or crashed and found the answer unfinished at restart).
     AnswerInterrupted,
+    /// The answer passed the target's `max_answer_chars`: it is kept up to there.
+    AnswerTooLong,
 }
 
 impl AnswerFault {

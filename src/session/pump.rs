@@ -85,11 +85,23 @@ impl LiveAnswers {
         }
     }
 
-    /// Appends a piece and publishes it, under the lock (see [`LiveAnswers::subscribe`]).
-    fn push(&self, index: usize, piece: &str, events: &broadcast::Sender<Arc<Published>>) {
+    /// Appends a piece (at most up to `max_chars` in all) and publishes it, under the lock
+    /// (see [`LiveAnswers::subscribe`]). `false` once the answer has reached `max_chars`.
+    fn push(
+        &self,
+        index: usize,
+        piece: &str,
+        max_chars: usize,
+        events: &broadcast::Sender<Arc<Published>>,
+    ) -> bool {
         let mut answers = self.lock();
         let Some(Some(live)) = answers.get_mut(index) else {
-            return;
+            return true;
+        };
+        let room = max_chars.saturating_sub(live.chars);
+        let (piece, fits) = match piece.char_indices().nth(room) {
+            Some((cut, _)) => (&piece[..cut], false),
+            None => (piece, true),
         };
         let offset = live.chars;
         live.chars += piece.chars().count();
@@ -105,6 +117,7 @@ impl LiveAnswers {
             };
             let _ = events.send(Arc::new(Published::new(None, delta)));
         }
+        fits
     }
 
     fn take(&self, index: usize) -> String {
@@ -120,6 +133,8 @@ impl LiveAnswers {
 pub struct PumpContext {
     pub alias: Arc<str>,
     pub model: Arc<dyn ChatModel>,
+    /// The target's longest answer, in characters.
+    pub max_chars: usize,
     pub live: Arc<LiveAnswers>,
     pub events: broadcast::Sender<Arc<Published>>,
     pub cancel: CancellationToken,
@@ -143,7 +158,9 @@ pub async fn pump(job: AnswerJob, ctx: PumpContext) {
                     if ttft_ms.is_none() {
                         ttft_ms = Some(elapsed_ms(started));
                     }
-                    ctx.live.push(job.target, &text, &ctx.events);
+                    if !ctx.live.push(job.target, &text, ctx.max_chars, &ctx.events) {
+                        break StreamEnd::TooLong(ctx.max_chars);
+                    }
                 }
                 Some(Ok(Chunk::Done { finish, tokens })) => break StreamEnd::Completed { finish, tokens },
                 Some(Err(err)) => break StreamEnd::Failed(err),

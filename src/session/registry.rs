@@ -214,8 +214,10 @@ impl Sessions {
             .enumerate()
             .map(|(position, target)| replay::new_target(alias(position), target, &scenario))
             .collect();
-        let models: Vec<Option<Arc<dyn ChatModel>>> =
-            chosen.iter().map(|t| Some(Arc::clone(&t.model))).collect();
+        let models: Vec<Option<(Arc<dyn ChatModel>, usize)>> = chosen
+            .iter()
+            .map(|t| Some((Arc::clone(&t.model), t.config.max_answer_chars)))
+            .collect();
         let session_targets: Vec<NewSessionTarget> = chosen
             .iter()
             .enumerate()
@@ -316,7 +318,7 @@ impl Sessions {
                 inner
                     .targets
                     .get(&t.target_name)
-                    .map(|t| Arc::clone(&t.model))
+                    .map(|t| (Arc::clone(&t.model), t.config.max_answer_chars))
             })
             .collect();
         let log = events
@@ -366,7 +368,7 @@ impl Sessions {
     fn spawn(
         &self,
         state: SessionState,
-        models: Vec<Option<Arc<dyn ChatModel>>>,
+        models: Vec<Option<(Arc<dyn ChatModel>, usize)>>,
         log: Vec<Arc<Published>>,
         first: Option<super::state::Batch>,
         owner: Option<String>,

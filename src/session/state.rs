@@ -174,6 +174,8 @@ pub enum StreamEnd {
     Stopped,
     /// Stopped because the server is shutting down.
     Interrupted,
+    /// Cut at the target's longest answer, this many characters.
+    TooLong(usize),
     Failed(TargetError),
 }
 
@@ -995,6 +997,17 @@ impl SessionState {
                 }),
             ),
             StreamEnd::Stopped => ("stopped".to_owned(), None, None),
+            StreamEnd::TooLong(limit) => (
+                "truncated".to_owned(),
+                None,
+                Some(ErrorInfo {
+                    code: AnswerFault::AnswerTooLong.code().to_owned(),
+                    message: format!(
+                        "The answer passed this target's limit of {limit} characters; the first \
+                         {limit} are kept, and it is rated as cut short."
+                    ),
+                }),
+            ),
             StreamEnd::Failed(err) => (
                 "error".to_owned(),
                 None,
