@@ -181,10 +181,16 @@ impl Server {
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = format!(
-            "[server]\nbind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\nscenarios = \"{}\"\nmax_sessions = 10000\n\n\
+            "[server]\nbind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\nscenarios = \"{}\"\nmax_sessions = 10000\n{}\n\
              [[targets]]\nname = \"demo\"\nkind = \"demo\"\nchunk_delay_ms = 0\n",
             dir.path().join("vigil.db").display(),
-            scenarios.display()
+            scenarios.display(),
+            // Every load client is the same person: lift the per-person cap (older builds,
+            // measured with `--against`, have none and would refuse the setting).
+            match binary {
+                Binary::This => "max_sessions_per_person = 10000\n",
+                Binary::Other(_) => "",
+            }
         );
         if let Some(url) = upstream {
             config.push_str(&format!(

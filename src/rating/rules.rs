@@ -66,10 +66,7 @@ fn shared_prefilter(patterns: GroupPatterns) -> Arc<Prefilter> {
             owner.push(position);
         }
     }
-    let set = regex::RegexSetBuilder::new(&sources)
-        .dfa_size_limit(crate::scenario::PATTERN_DFA_CACHE)
-        .build()
-        .ok();
+    let set = RegexSet::new(&sources).ok();
     let prefilter = Arc::new(Prefilter { set, owner });
     cache.retain(|_, weak| weak.strong_count() > 0);
     cache.insert(patterns, Arc::downgrade(&prefilter));

@@ -287,10 +287,6 @@ pub struct Pattern {
     pub regex: Arc<Regex>,
 }
 
-/// The lazy DFA's cache per compiled pattern (the regex crate's default is 2 MB): answers are
-/// short, and a smaller cache bounds what every pattern can grow to over a server's life.
-pub const PATTERN_DFA_CACHE: usize = 256 * 1024;
-
 impl Pattern {
     pub fn new(source: &str) -> Result<Self, regex::Error> {
         static COMPILED: std::sync::LazyLock<
@@ -307,11 +303,7 @@ impl Pattern {
         }
         // An invalid pattern is reported on its source as written.
         regex::Regex::new(source)?;
-        let regex = Arc::new(
-            regex::RegexBuilder::new(&compiled_form(source))
-                .dfa_size_limit(PATTERN_DFA_CACHE)
-                .build()?,
-        );
+        let regex = Arc::new(Regex::new(&compiled_form(source))?);
         compiled.retain(|_, weak| weak.strong_count() > 0);
         compiled.insert(source.to_owned(), Arc::downgrade(&regex));
         Ok(Self {
