@@ -4,22 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Reply, WsClient, spawn_app, status_of};
-
-/// The state of `criterion` for `target` in a `criteria` event.
-fn criterion<'a>(criteria: &'a Value, target: &str, criterion: &str) -> &'a Value {
-    criteria["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["target"] == target)
-        .unwrap()["criteria"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == criterion)
-        .unwrap_or_else(|| panic!("no {criterion} in {criteria}"))
-}
+use crate::support::{Reply, WsClient, criterion_of as criterion, spawn_app, status_of};
 
 #[tokio::test]
 async fn a_session_ended_before_any_answer_is_incomplete_never_a_pass() {

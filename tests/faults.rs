@@ -391,24 +391,17 @@ async fn a_message_id_from_another_client_never_reaches_someone_elses_session() 
 
 #[tokio::test]
 async fn an_api_key_an_upstream_echoes_is_never_stored_or_shown() {
-    use crate::support::{FakeUpstream, WsClient, binary::start_vigil, fixture_scenarios};
+    use crate::support::{FakeUpstream, WsClient, binary::start_vigil, binary_config};
     const KEY: &str = "sk-test-4f9a1c2e7b3d";
     vigil::tls::install_provider();
     let upstream = FakeUpstream::start().await;
     upstream.push("fake", Reply::EchoAuth(401));
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("vigil.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\nscenarios = \"{}\"\n\n\
-             [[targets]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake\"\nretries = 0\napi_key_env = \"VIGIL_TEST_KEY\"\n",
-            dir.path().join("vigil.db").display(),
-            fixture_scenarios().display(),
-            upstream.url
-        ),
-    )
-    .unwrap();
+    let config = binary_config(
+        dir.path(),
+        &upstream.url,
+        "api_key_env = \"VIGIL_TEST_KEY\"\n",
+    );
     let (mut child, address) = start_vigil(
         tokio::process::Command::new(env!("CARGO_BIN_EXE_vigil")),
         &config,

@@ -6,7 +6,7 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::support::binary::start_vigil;
-use crate::support::{FakeUpstream, Gate, Reply, WsClient, fixture_scenarios};
+use crate::support::{FakeUpstream, Gate, Reply, WsClient, binary_config};
 
 async fn start_binary(config: &std::path::Path) -> (Child, SocketAddr) {
     start_vigil(Command::new(env!("CARGO_BIN_EXE_vigil")), config, &[]).await
@@ -16,18 +16,7 @@ async fn start_binary(config: &std::path::Path) -> (Child, SocketAddr) {
 async fn after_sigkill_mid_answer_the_transcript_is_intact_and_the_session_resumes() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("vigil.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\nscenarios = \"{}\"\n\n\
-             [[targets]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake\"\nretries = 0\n",
-            dir.path().join("vigil.db").display(),
-            fixture_scenarios().display(),
-            upstream.url
-        ),
-    )
-    .unwrap();
+    let config = binary_config(dir.path(), &upstream.url, "");
 
     let (mut child, address) = start_binary(&config).await;
     let mut ws = WsClient::connect(address).await;

@@ -298,17 +298,8 @@ impl Sessions {
             .applied_messages(id)
             .await
             .map_err(|e| SessionError::storage(&e))?;
-        let scenario = self.stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
         let next_seq = events.last().map_or(1, |(seq, _)| seq + 1);
-        let mut state = replay::rebuild(
-            &record,
-            Arc::clone(&scenario),
-            self.rules_for(&scenario),
-            &inner.targets,
-            inner.config.max_text_chars,
-            applied,
-            next_seq,
-        );
+        let mut state = self.rebuild(&record, applied, next_seq)?;
         let pending = replay::unfinished_regenerations(&record, &events);
         let first = state.record_interrupted(now_ms(), &pending);
         let models = record
@@ -342,17 +333,27 @@ impl Sessions {
     /// that brings a session back to life).
     pub async fn stored(&self, id: &str) -> Result<(SessionRecord, SessionState), SessionError> {
         let record = self.load(id).await?;
+        let state = self.rebuild(&record, Vec::new(), 1)?;
+        Ok((record, state))
+    }
+
+    /// The state of a stored session, with the scenario version and rules it ran with.
+    fn rebuild(
+        &self,
+        record: &SessionRecord,
+        applied: Vec<String>,
+        next_seq: u64,
+    ) -> Result<SessionState, SessionError> {
         let scenario = self.stored_scenario(&record.session.scenario_sha256, &record.bundle)?;
-        let state = replay::rebuild(
-            &record,
+        Ok(replay::rebuild(
+            record,
             Arc::clone(&scenario),
             self.rules_for(&scenario),
             &self.inner.targets,
             self.inner.config.max_text_chars,
-            Vec::new(),
-            1,
-        );
-        Ok((record, state))
+            applied,
+            next_seq,
+        ))
     }
 
     fn check_capacity(&self) -> Result<(), SessionError> {

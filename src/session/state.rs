@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-use super::command::{Command, CommandKind, Principal, Request};
+use super::command::{Command, Principal, Request};
 use super::event::{
     AnswerEvent, EndSummary, EndedTarget, ErrorEvent, ErrorInfo, OfferedLine, Published,
     RatingEvent, ServerEvent,
@@ -447,8 +447,8 @@ impl SessionState {
     pub(super) fn restore_log(&mut self, applied: Vec<String>, next_seq: u64) {
         self.applied = applied.into_iter().collect();
         self.next_seq = next_seq;
-        self.saved_outcomes = outcomes_of(&self.summaries());
         let summaries = self.summaries();
+        self.saved_outcomes = outcomes_of(&summaries);
         self.offer = self.compute_offer(&summaries);
     }
 
@@ -592,7 +592,6 @@ impl SessionState {
         };
         self.applied_op(&mut transition.batch, id, now);
         transition.batch.through_seq = self.last_seq();
-        debug_assert!(kind != CommandKind::End);
         Ok(transition)
     }
 
@@ -1405,7 +1404,7 @@ mod tests {
     //! The state machine without a database: every command in every phase.
     use super::*;
     use crate::scenario::load_dir;
-    use crate::session::ErrorCode;
+    use crate::session::{CommandKind, ErrorCode};
     use strum::IntoEnumIterator;
 
     fn state(mode: Mode) -> SessionState {

@@ -147,11 +147,12 @@ pub async fn upgrade(
 enum Outgoing {
     /// A frame for this client only (an error, an immediate ack).
     Frame(Arc<Published>),
-    /// Follow this session from now on: send its replay and catch-up, then (when asked) the
-    /// `resumed` marker, then the ack of the message that attached.
+    /// Follow this session from now on: send its replay after `after_seq` (`None`: after what
+    /// this client already has) and catch-up, then (when asked) the `resumed` marker, then the
+    /// ack of the message that attached.
     Attach {
         handle: SessionHandle,
-        after_seq: u64,
+        after_seq: Option<u64>,
         announce: bool,
         ack: Option<String>,
     },
@@ -248,7 +249,7 @@ impl Reader {
             .out
             .send(Outgoing::Attach {
                 handle,
-                after_seq,
+                after_seq: Some(after_seq),
                 announce,
                 ack,
             })
@@ -303,7 +304,7 @@ impl Reader {
                                 .out
                                 .send(Outgoing::Attach {
                                     handle: handle.clone(),
-                                    after_seq: u64::MAX,
+                                    after_seq: None,
                                     announce: false,
                                     ack: None,
                                 })
@@ -391,12 +392,8 @@ impl Writer {
                 announce,
                 ack,
             } => {
-                // A reattach after the session came back keeps the position already reached.
-                let after_seq = if after_seq == u64::MAX {
-                    self.attached.as_ref().map_or(0, |f| f.last_seq)
-                } else {
-                    after_seq
-                };
+                let after_seq =
+                    after_seq.unwrap_or_else(|| self.attached.as_ref().map_or(0, |f| f.last_seq));
                 if !self.follow(handle, after_seq, announce).await {
                     return false;
                 }

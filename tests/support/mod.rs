@@ -15,7 +15,24 @@ use vigil::config::{Config, TargetConfig};
 use vigil::startup::Application;
 
 pub use upstream::{FakeUpstream, Gate, Reply};
-pub use ws::{WsClient, status_of, upgrade_request, verdict_of};
+pub use ws::{WsClient, criterion_of, status_of, upgrade_request, verdict_of};
+
+/// Writes a `vigil.toml` for the real binary in `dir`: SQLite there, the fixture scenarios,
+/// and the target `fake` on `upstream_url` (with `extra` lines, e.g. `api_key_env = "X"`).
+pub fn binary_config(dir: &std::path::Path, upstream_url: &str, extra: &str) -> PathBuf {
+    let config = dir.join("vigil.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\nscenarios = \"{}\"\n\n\
+             [[targets]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{upstream_url}\"\nmodel = \"fake\"\nretries = 0\n{extra}",
+            dir.join("vigil.db").display(),
+            fixture_scenarios().display(),
+        ),
+    )
+    .unwrap();
+    config
+}
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

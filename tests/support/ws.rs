@@ -294,8 +294,8 @@ pub fn upgrade_request(
     request
 }
 
-/// The status of `criterion` for `target` in a `criteria` event.
-pub fn status_of(criteria: &Value, target: &str, criterion: &str) -> String {
+/// The state of `criterion` for `target` in a `criteria` event.
+pub fn criterion_of<'a>(criteria: &'a Value, target: &str, criterion: &str) -> &'a Value {
     let summary = criteria["targets"]
         .as_array()
         .unwrap()
@@ -307,7 +307,12 @@ pub fn status_of(criteria: &Value, target: &str, criterion: &str) -> String {
         .unwrap()
         .iter()
         .find(|c| c["id"] == criterion)
-        .unwrap_or_else(|| panic!("no criterion {criterion} in {summary}"))["status"]
+        .unwrap_or_else(|| panic!("no criterion {criterion} in {summary}"))
+}
+
+/// The status of `criterion` for `target` in a `criteria` event.
+pub fn status_of(criteria: &Value, target: &str, criterion: &str) -> String {
+    criterion_of(criteria, target, criterion)["status"]
         .as_str()
         .unwrap()
         .to_owned()
