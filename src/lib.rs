@@ -24,11 +24,13 @@
 //! - [`lint`]: the checks of `vigil lint` that need more than the files (stored versions),
 //!   and the explanation of criteria against their examples.
 //! - [`startup`]: builds the application from a config and binds its listener.
-//! - [`tls`], [`time`]: small shared helpers (the rustls provider; stored timestamps).
+//! - [`tls`], [`time`], [`memory`]: small shared helpers (the rustls provider; stored
+//!   timestamps; returning freed memory to the operating system).
 
 pub mod config;
 pub mod http;
 pub mod lint;
+pub mod memory;
 pub mod rating;
 pub mod scenario;
 pub mod session;

@@ -69,6 +69,9 @@ impl Application {
             }
         }
 
+        // Loading parsed and compiled every file: hand the scratch memory back.
+        crate::memory::trim();
+
         let shutdown = CancellationToken::new();
         let sessions = Sessions::new(
             store.clone(),

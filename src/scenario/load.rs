@@ -709,6 +709,7 @@ fn build_criterion(
         );
     }
     if !check.patterns.is_empty() {
+        let check = check.scratch();
         for example in &raw_examples.present {
             if check.find(example.get_ref()).is_none() {
                 sink.error(

@@ -27,6 +27,9 @@ use crate::store::{NewSessionTarget, SessionRecord, Store, StoreError, WriteOp};
 use crate::target::{ChatModel, Target, Targets};
 use crate::time::now_ms;
 
+/// How often freed memory is handed back after sessions left it ([`crate::memory`]).
+const TRIM_PERIOD: Duration = Duration::from_secs(2);
+
 /// Commands queued for one session before senders wait.
 const COMMAND_QUEUE: usize = 32;
 
@@ -64,6 +67,7 @@ struct Inner {
     stored_scenarios: Mutex<HashMap<String, Arc<Scenario>>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    trimmer: crate::memory::Trimmer,
 }
 
 /// Every live session (cheap to clone).
@@ -95,6 +99,8 @@ impl Sessions {
         config: SessionsConfig,
         shutdown: CancellationToken,
     ) -> Self {
+        let trimmer = crate::memory::Trimmer::default();
+        trimmer.spawn(TRIM_PERIOD, shutdown.clone());
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -108,6 +114,7 @@ impl Sessions {
                 stored_scenarios: Mutex::new(HashMap::new()),
                 shutdown,
                 tracker: TaskTracker::new(),
+                trimmer,
             }),
         }
     }
@@ -378,11 +385,13 @@ impl Sessions {
         let instance = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
         let live = Arc::clone(&self.inner.live);
         let key = id.clone();
+        let trimmer = self.inner.trimmer.clone();
         let on_exit = Box::new(move || {
             let mut live = lock(&live);
             if live.get(&key).is_some_and(|l| l.instance == instance) {
                 live.remove(&key);
             }
+            trimmer.released();
         });
         let config = &self.inner.config;
         let context = Context {

@@ -125,6 +125,9 @@ impl Store {
                         conn.execute("PRAGMA synchronous = FULL").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        // The operating system caches the file already; SQLite's own cache of
+                        // 2 MB per connection would hold the same pages eight times over.
+                        conn.execute("PRAGMA cache_size = -512").await?;
                     }
                     Ok(())
                 })
