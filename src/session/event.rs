@@ -262,12 +262,11 @@ pub struct EndedTarget {
 }
 
 /// An event as published: its `seq` (durable events only), and its JSON frame, serialized
-/// once for every subscriber. `event` is `None` for events replayed from the database.
+/// once for every subscriber (and all a session's log keeps of it).
 #[derive(Debug, Clone)]
 pub struct Published {
     pub seq: Option<u64>,
     pub json: String,
-    pub event: Option<ServerEvent>,
 }
 
 #[derive(Serialize)]
@@ -282,18 +281,13 @@ impl Published {
     pub fn new(seq: Option<u64>, event: ServerEvent) -> Self {
         let json = serde_json::to_string(&Envelope { seq, event: &event })
             .unwrap_or_else(|e| format!(r#"{{"type":"error","code":"internal","message":"{e}"}}"#));
-        Self {
-            seq,
-            json,
-            event: Some(event),
-        }
+        Self { seq, json }
     }
 
     pub fn stored(seq: u64, json: String) -> Self {
         Self {
             seq: Some(seq),
             json,
-            event: None,
         }
     }
 
