@@ -395,3 +395,114 @@ async fn an_in_memory_or_unknown_database_is_refused_with_a_reason() {
         assert!(err.contains(needle), "{url}: {err}");
     }
 }
+
+/// Runs `sql` on a connection of its own to the database at `url`.
+async fn admin(url: &str, sql: &str) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Turns stored for session `s`, read by a store connected afresh (what a restart sees).
+async fn turns_after_restart(url: &str) -> Vec<u32> {
+    let store = Store::connect(url).await.unwrap();
+    let turns = store
+        .load_session("s")
+        .await
+        .unwrap()
+        .turns
+        .iter()
+        .map(|t| t.turn)
+        .collect();
+    store.close().await;
+    turns
+}
+
+#[tokio::test]
+async fn postgres_writes_go_on_after_the_server_drops_every_connection() {
+    let (url, _dir) = fresh_database(Db::Postgres).await;
+    let store = Store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+        .write(vec![
+            version("sha", "scripted", 1),
+            session("s", "scripted", "sha", &["fake"], 1),
+            turn("s", 1, "before"),
+        ])
+        .await
+        .unwrap();
+    // What an administrator's restart (or a failover) does to open connections.
+    admin(
+        &url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .await;
+    store.write(vec![turn("s", 2, "after")]).await.unwrap();
+    assert_eq!(store.load_session("s").await.unwrap().turns.len(), 2);
+    store.close().await;
+    assert_eq!(turns_after_restart(&url).await, [1, 2]);
+}
+
+#[tokio::test]
+async fn postgres_a_statement_timeout_delays_a_write_but_loses_nothing() {
+    use sqlx::Connection as _;
+    let (url, _dir) = fresh_database(Db::Postgres).await;
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    admin(
+        &url,
+        &format!("ALTER DATABASE \"{name}\" SET statement_timeout = '200ms'"),
+    )
+    .await;
+    let store = Store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+        .write(vec![
+            version("sha", "scripted", 1),
+            session("s", "scripted", "sha", &["fake"], 1),
+        ])
+        .await
+        .unwrap();
+    // Someone holds the table for longer than a statement may wait.
+    let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE turns IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let write = {
+        let store = store.clone();
+        tokio::spawn(async move { store.write(vec![turn("s", 1, "waited")]).await })
+    };
+    // The write's statement is cancelled at least once (its transaction rolled back) ...
+    let rollbacks = || async {
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        let row = sqlx::query(
+            "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        sqlx::Row::get::<i64, _>(&row, 0)
+    };
+    let before = rollbacks().await;
+    let waited = std::time::Instant::now();
+    while rollbacks().await == before {
+        assert!(waited.elapsed().as_secs() < 10, "the write never timed out");
+        tokio::task::yield_now().await;
+    }
+    assert!(!write.is_finished(), "written although the table is locked");
+    // ... and succeeds once the lock is gone.
+    lock.rollback().await.unwrap();
+    write.await.unwrap().unwrap();
+    store.close().await;
+    assert_eq!(turns_after_restart(&url).await, [1]);
+}

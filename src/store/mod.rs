@@ -7,7 +7,9 @@
 //!
 //! All writes go through one writer task ([`writer`]) that commits whatever is pending in one
 //! transaction (group commit): durability costs one sync per batch, not per row, and SQLite's
-//! single writer never contends. [`Store::write`] returns only after the commit.
+//! single writer never contends. [`Store::write`] returns only after the commit. The writer has
+//! a connection of its own, outside the pool, and replaces it after any failed write, so a
+//! success always comes from a connection known to be clean.
 //!
 //! Not here: what the rows mean (`session`, `rating`).
 
@@ -55,6 +57,20 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The settings every connection gets before its first use (the pool's and the writer's).
+async fn prepare(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<(), sqlx::Error> {
+    if backend == Backend::Sqlite {
+        conn.execute("PRAGMA journal_mode = WAL").await?;
+        conn.execute("PRAGMA synchronous = FULL").await?;
+        conn.execute("PRAGMA foreign_keys = ON").await?;
+        conn.execute("PRAGMA busy_timeout = 5000").await?;
+        // The operating system caches the file already; SQLite's own cache of 2 MB per
+        // connection would hold the same pages nine times over.
+        conn.execute("PRAGMA cache_size = -512").await?;
+    }
+    Ok(())
+}
+
 /// Errors worth retrying: a busy or locked SQLite, a pool without free connections, a broken
 /// connection.
 pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
@@ -63,10 +79,20 @@ pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // SQLite: 5 BUSY, 6 LOCKED (and their extended codes); PostgreSQL: 40001
-            // serialization failure, 40P01 deadlock, 57P01 admin shutdown, 08xxx connection.
+            // serialization failure, 40P01 deadlock, 57014 statement timeout, 57P01 admin
+            // shutdown, 57P02/57P03 crash or start-up in progress, 08xxx connection.
             matches!(
                 code.as_ref(),
-                "5" | "6" | "261" | "262" | "517" | "40001" | "40P01" | "57P01"
+                "5" | "6"
+                    | "261"
+                    | "262"
+                    | "517"
+                    | "40001"
+                    | "40P01"
+                    | "57014"
+                    | "57P01"
+                    | "57P02"
+                    | "57P03"
             ) || code.starts_with("08")
                 || db.message().contains("database is locked")
         }
@@ -85,7 +111,7 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    writer: mpsc::Sender<writer::WriteRequest>,
+    writer: mpsc::Sender<writer::Message>,
 }
 
 impl Store {
@@ -118,24 +144,11 @@ impl Store {
                 Backend::Postgres => 10,
             })
             .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = FULL").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                        conn.execute("PRAGMA busy_timeout = 5000").await?;
-                        // The operating system caches the file already; SQLite's own cache of
-                        // 2 MB per connection would hold the same pages eight times over.
-                        conn.execute("PRAGMA cache_size = -512").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
+            .after_connect(move |conn, _meta| Box::pin(prepare(conn, backend)))
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot connect: {e}")))?;
-        let writer = writer::spawn(pool.clone());
+        let writer = writer::spawn(options, backend);
         Ok(Self {
             pool,
             backend,
@@ -202,7 +215,7 @@ impl Store {
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
         let (done, committed) = oneshot::channel();
         self.writer
-            .send(writer::WriteRequest { ops, done })
+            .send(writer::Message::Write(writer::WriteRequest { ops, done }))
             .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".to_owned()))?;
         committed
@@ -214,8 +227,12 @@ impl Store {
         &self.pool
     }
 
-    /// Closes the pool after the writer has drained.
+    /// Lets the writer finish what is queued and close its connection, then closes the pool.
     pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.writer.send(writer::Message::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
         self.pool.close().await;
     }
 }

@@ -4,17 +4,19 @@
 //! waiting (up to a bound), runs all of it in one transaction and answers every request after
 //! the commit. If a grouped commit fails, each request is retried on its own, so one bad write
 //! never fails its neighbours. Transient errors (busy, locked, a dropped connection) are
-//! retried with backoff before anyone is told.
+//! retried with backoff before anyone is told. The writer's connection is its own and is
+//! replaced after any failure ([`Connection`]).
 //!
 //! Nothing here logs row contents: transcripts are clinical records.
 
 use std::time::Duration;
 
-use sqlx::{Any, AnyPool, Transaction};
+use sqlx::any::AnyConnectOptions;
+use sqlx::{Any, AnyConnection, Connection as _, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::reads::{AnswerRow, PreferenceRow};
-use super::{StoreError, is_transient};
+use super::{Backend, StoreError, is_transient};
 use crate::rating::Rating;
 
 /// Most requests grouped into one transaction.
@@ -122,47 +124,134 @@ pub enum WriteOp {
     },
 }
 
-pub(super) fn spawn(pool: AnyPool) -> mpsc::Sender<WriteRequest> {
+/// What the writer task is asked to do.
+pub(super) enum Message {
+    Write(WriteRequest),
+    /// Finish what is queued, close the connection, then answer.
+    Close(oneshot::Sender<()>),
+    /// Tests: a `PRAGMA` for the writer's connection now and every one it opens after (a
+    /// page cap stands in for a full disk).
+    #[cfg(test)]
+    Pragma(String, oneshot::Sender<()>),
+}
+
+pub(super) fn spawn(options: AnyConnectOptions, backend: Backend) -> mpsc::Sender<Message> {
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(run(pool, rx));
+    let connection = Connection {
+        options,
+        backend,
+        conn: None,
+        #[cfg(test)]
+        pragmas: Vec::new(),
+    };
+    tokio::spawn(run(connection, rx));
     tx
 }
 
-async fn run(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut batch: Vec<WriteRequest> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
+/// The writer's own connection, outside the pool. After any failed write it is closed (which
+/// rolls back whatever the failure left open) and the next write opens a new one: a driver's
+/// idea of the transaction state can be wrong after SQLite rolled a transaction back by itself
+/// (a full disk does that), and a commit on such a connection can "succeed" into a transaction
+/// that never ends.
+struct Connection {
+    options: AnyConnectOptions,
+    backend: Backend,
+    conn: Option<AnyConnection>,
+    #[cfg(test)]
+    pragmas: Vec<String>,
+}
+
+impl Connection {
+    async fn get(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            let mut conn = AnyConnection::connect_with(&self.options).await?;
+            super::prepare(&mut conn, self.backend).await?;
+            #[cfg(test)]
+            for pragma in &self.pragmas {
+                sqlx::query(sqlx::AssertSqlSafe(pragma.clone()))
+                    .execute(&mut conn)
+                    .await?;
             }
+            self.conn = Some(conn);
         }
-        let all: Vec<&WriteOp> = batch.iter().flat_map(|r| r.ops.iter()).collect();
-        let result = commit_with_retries(&pool, &all).await;
-        if result.is_err() && batch.len() > 1 {
-            tracing::warn!(
-                requests = batch.len(),
-                "grouped commit failed; committing one by one"
-            );
-            for request in batch.drain(..) {
-                let ops: Vec<&WriteOp> = request.ops.iter().collect();
-                let result = commit_with_retries(&pool, &ops).await;
-                let _ = request.done.send(result);
-            }
-        } else {
-            for request in batch.drain(..) {
-                let _ = request.done.send(result.clone());
-            }
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
         }
     }
 }
 
-async fn commit_with_retries(pool: &AnyPool, ops: &[&WriteOp]) -> Result<(), StoreError> {
+async fn run(mut connection: Connection, mut rx: mpsc::Receiver<Message>) {
+    let mut batch: Vec<WriteRequest> = Vec::new();
+    let mut after: Option<Message> = None;
+    while let Some(first) = rx.recv().await {
+        match first {
+            Message::Write(request) => batch.push(request),
+            other => after = Some(other),
+        }
+        while batch.len() < MAX_BATCH && after.is_none() {
+            match rx.try_recv() {
+                Ok(Message::Write(request)) => batch.push(request),
+                Ok(other) => after = Some(other),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            write_batch(&mut connection, &mut batch).await;
+        }
+        match after.take() {
+            None | Some(Message::Write(_)) => {}
+            Some(Message::Close(done)) => {
+                connection.close().await;
+                let _ = done.send(());
+            }
+            #[cfg(test)]
+            Some(Message::Pragma(pragma, done)) => {
+                if let Some(conn) = connection.conn.as_mut() {
+                    sqlx::query(sqlx::AssertSqlSafe(pragma.clone()))
+                        .execute(conn)
+                        .await
+                        .expect("pragma");
+                }
+                connection.pragmas.push(pragma);
+                let _ = done.send(());
+            }
+        }
+    }
+    connection.close().await;
+}
+
+async fn write_batch(connection: &mut Connection, batch: &mut Vec<WriteRequest>) {
+    let all: Vec<&WriteOp> = batch.iter().flat_map(|r| r.ops.iter()).collect();
+    let result = commit_with_retries(connection, &all).await;
+    if result.is_err() && batch.len() > 1 {
+        tracing::warn!(
+            requests = batch.len(),
+            "grouped commit failed; committing one by one"
+        );
+        for request in batch.drain(..) {
+            let ops: Vec<&WriteOp> = request.ops.iter().collect();
+            let result = commit_with_retries(connection, &ops).await;
+            let _ = request.done.send(result);
+        }
+    } else {
+        for request in batch.drain(..) {
+            let _ = request.done.send(result.clone());
+        }
+    }
+}
+
+async fn commit_with_retries(
+    connection: &mut Connection,
+    ops: &[&WriteOp],
+) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(20);
     let mut attempt = 1;
     loop {
-        match commit(pool, ops).await {
+        match commit(connection, ops).await {
             Ok(()) => return Ok(()),
             Err(err) if is_transient(&err) && attempt < MAX_ATTEMPTS => {
                 tracing::warn!(attempt, error = %err, "database busy or unreachable; retrying the write");
@@ -178,12 +267,20 @@ async fn commit_with_retries(pool: &AnyPool, ops: &[&WriteOp]) -> Result<(), Sto
     }
 }
 
-async fn commit(pool: &AnyPool, ops: &[&WriteOp]) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    for op in ops {
-        execute(&mut tx, op).await?;
+/// One transaction on the writer's connection; on any failure the connection is replaced.
+async fn commit(connection: &mut Connection, ops: &[&WriteOp]) -> Result<(), sqlx::Error> {
+    let result = async {
+        let mut tx = connection.get().await?.begin().await?;
+        for op in ops {
+            execute(&mut tx, op).await?;
+        }
+        tx.commit().await
     }
-    tx.commit().await
+    .await;
+    if result.is_err() {
+        connection.close().await;
+    }
+    result
 }
 
 fn opt_i64(value: Option<u32>) -> Option<i64> {
@@ -460,4 +557,113 @@ async fn touch(
 
 fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Row;
+
+    use super::*;
+    use crate::store::Store;
+
+    fn turn(n: u32, text: String) -> WriteOp {
+        WriteOp::Turn {
+            session_id: "s".into(),
+            turn: n,
+            text,
+            source: "human".into(),
+            script_index: None,
+            created_at: i64::from(n),
+        }
+    }
+
+    async fn pragma(store: &Store, pragma: String) {
+        let (done, applied) = oneshot::channel();
+        store
+            .writer
+            .send(Message::Pragma(pragma, done))
+            .await
+            .unwrap();
+        applied.await.unwrap();
+    }
+
+    /// A full disk (SQLite's page cap stands in for it) rolls the transaction back inside
+    /// SQLite, behind the driver's back; a commit that fails after that left the connection
+    /// inside a transaction that never ended, and every later write "committed" into it: told
+    /// saved, holding the write lock, lost at the next restart. Every write reported as saved
+    /// must be on disk after a restart.
+    #[tokio::test]
+    async fn nothing_reported_saved_after_write_failures_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("full.db").display());
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let session = crate::store::NewSession {
+            id: "s".into(),
+            scenario_id: "x".into(),
+            scenario_sha256: "sha".into(),
+            mode: "free".into(),
+            label: None,
+            blind: false,
+            names_revealed: true,
+            start_id: None,
+            created_at: 1,
+            targets: Vec::new(),
+        };
+        let version = WriteOp::ScenarioVersion {
+            sha256: "sha".into(),
+            scenario_id: "x".into(),
+            version: 1,
+            title: "x".into(),
+            bundle: "{}".into(),
+            created_at: 1,
+        };
+        store
+            .write(vec![
+                version,
+                WriteOp::CreateSession(session),
+                turn(1, "first".into()),
+            ])
+            .await
+            .unwrap();
+        let pages: i64 = sqlx::query("PRAGMA page_count")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        // Constraint failures found at commit time, as a full disk's are.
+        pragma(&store, "PRAGMA defer_foreign_keys = ON".into()).await;
+        pragma(&store, format!("PRAGMA max_page_count = {pages}")).await;
+
+        let long = |n: u32| format!("line {n} {}", "x".repeat(50_000));
+        let full = store.write(vec![turn(2, long(2))]).await.unwrap_err();
+        assert!(full.to_string().contains("full"), "{full}");
+        // A write that fails at its commit (a turn of a session that does not exist).
+        let mut ghost = turn(1, "ghost".into());
+        if let WriteOp::Turn { session_id, .. } = &mut ghost {
+            *session_id = "ghost".into();
+        }
+        let refused = store.write(vec![ghost]).await.unwrap_err();
+        assert!(refused.to_string().contains("FOREIGN KEY"), "{refused}");
+
+        // Room again: what is reported saved is saved.
+        pragma(&store, "PRAGMA max_page_count = 4294967294".into()).await;
+        for n in 2..=4 {
+            store.write(vec![turn(n, long(n))]).await.unwrap();
+        }
+        store.close().await;
+
+        let reopened = Store::connect(&url).await.unwrap();
+        let stored: Vec<u32> = reopened
+            .load_session("s")
+            .await
+            .unwrap()
+            .turns
+            .iter()
+            .map(|t| t.turn)
+            .collect();
+        assert_eq!(stored, [1, 2, 3, 4]);
+        // Nothing holds the write lock: another connection writes at once.
+        reopened.write(vec![turn(5, "after".into())]).await.unwrap();
+    }
 }
