@@ -4,7 +4,8 @@
 //! cargo bench --bench load -- relay [--sessions 200] [--seconds 20] [--chunks 30] [--gap-ms 0]
 //! cargo bench --bench load -- idle  [--connections 2000]
 //! cargo bench --bench load -- scenarios [--count 200] [--repeat 1]
-//! cargo bench --bench load          # all three, with the defaults
+//! cargo bench --bench load -- slowloris [--connections 10000] [--seconds 30]
+//! cargo bench --bench load          # relay, idle and scenarios, with the defaults
 //! ```
 //!
 //! `scenarios` copies the criteria sets from the bundled scenarios, or from `--from DIR`. Each
@@ -22,6 +23,11 @@
 //!
 //! `idle`: the server's resident memory before and after N connections that each started a
 //! session and then stay open and idle.
+//!
+//! `slowloris`: N connections opened as fast as possible, each sending a request's first line
+//! and then one header byte every 5 s, never finishing; meanwhile a health check every 100 ms
+//! on a new connection. Reports the health checks answered and their latency, and how many
+//! slow connections the server had closed by the end.
 //!
 //! `scenarios`: N scenarios that include the same five criteria sets, each played once to its
 //! end (its script, then `end`) with the canned demo target; the server's resident memory at
@@ -118,6 +124,16 @@ fn main() {
         if matches!(what, "idle" | "all") {
             for binary in &binaries {
                 idle(binary, arg(&args, "--connections", 2_000) as usize).await;
+            }
+        }
+        if what == "slowloris" {
+            for binary in &binaries {
+                slowloris(
+                    binary,
+                    arg(&args, "--connections", 10_000) as usize,
+                    arg(&args, "--seconds", 30),
+                )
+                .await;
             }
         }
         if matches!(what, "scenarios" | "all") {
@@ -519,6 +535,81 @@ async fn relay(
         cpu_per_delta_us: server_cpu * 1e6 / all.len().max(1) as f64,
         added_p99_ms,
     }
+}
+
+async fn slowloris(binary: &Binary, connections: usize, seconds: u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(binary, None).await;
+    let address = server.address;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut slow = Vec::new();
+    for _ in 0..connections {
+        let closed = std::sync::Arc::clone(&closed);
+        slow.push(tokio::spawn(async move {
+            let Ok(mut socket) = tokio::net::TcpStream::connect(address).await else {
+                closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            };
+            let start = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\nX-Slow: ");
+            if socket.write_all(start.as_bytes()).await.is_err() {
+                closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            let mut byte = [0u8; 1];
+            while Instant::now() < deadline {
+                tokio::select! {
+                    // The server closed it (or answered it with an error and closed it).
+                    read = socket.read(&mut byte) => {
+                        if matches!(read, Ok(0) | Err(_)) {
+                            closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        if socket.write_all(b"x").await.is_err() {
+                            closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let opened = Instant::now();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let health = format!("http://{address}/healthz");
+    let (mut answered, mut failed) = (0u32, 0u32);
+    let mut latencies = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let started = Instant::now();
+        match client.get(&health).send().await {
+            Ok(response) if response.status() == 200 => {
+                answered += 1;
+                latencies.push(started.elapsed().as_nanos() as u64);
+            }
+            _ => failed += 1,
+        }
+    }
+    let still_open = connections - closed.load(std::sync::atomic::Ordering::Relaxed);
+    for task in slow {
+        task.abort();
+    }
+    latencies.sort_unstable();
+    println!(
+        "slowloris ({binary}): {connections} slow connections over {:.1} s; {} still open at the end; health checks: {answered} answered, {failed} failed, p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+        opened.elapsed().as_secs_f64(),
+        still_open,
+        percentile(&latencies, 0.50) / 1_000.0,
+        percentile(&latencies, 0.95) / 1_000.0,
+        latencies.last().copied().unwrap_or(0) as f64 / 1_000_000.0,
+    );
 }
 
 async fn idle(binary: &Binary, connections: usize) {

@@ -58,6 +58,12 @@ pub struct ServerConfig {
     pub max_sessions_per_person: usize,
     /// How long shutdown waits for sessions and connections to finish, in seconds.
     pub shutdown_grace_secs: u64,
+    /// A connection whose request headers have not all arrived this many seconds after it
+    /// started waiting for them is closed (slow clients cannot hold connections open).
+    pub header_timeout_secs: u64,
+    /// Open connections at once (WebSockets included); one more is closed at once, so the
+    /// server never runs out of file descriptors.
+    pub max_connections: usize,
     /// Page origins (`scheme://host:port`, exactly) allowed to open the WebSocket, besides the
     /// origins this server serves itself (`http://127.0.0.1:PORT`, `http://localhost:PORT`).
     pub allowed_origins: Vec<String>,
@@ -206,6 +212,8 @@ impl Default for ServerConfig {
             max_sessions: 2_000,
             max_sessions_per_person: 20,
             shutdown_grace_secs: 10,
+            header_timeout_secs: 10,
+            max_connections: 4_096,
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
         }

@@ -23,7 +23,8 @@
 //! - [`http`]: the axum router: JSON API, the web page, health.
 //! - [`lint`]: the checks of `vigil lint` that need more than the files (stored versions),
 //!   and the explanation of criteria against their examples.
-//! - [`startup`]: builds the application from a config and binds its listener.
+//! - [`startup`]: builds the application from a config and binds its listener; [`serve`]
+//!   serves its connections (header timeout, connection cap, graceful shutdown).
 //! - [`tls`], [`time`], [`memory`]: small shared helpers (the rustls provider; stored
 //!   timestamps; returning freed memory to the operating system).
 
@@ -33,6 +34,7 @@ pub mod lint;
 pub mod memory;
 pub mod rating;
 pub mod scenario;
+pub mod serve;
 pub mod session;
 pub mod startup;
 pub mod store;

@@ -2,17 +2,17 @@
 //! scenarios, builds the targets, connects and migrates the database and binds the listener,
 //! so tests start the very same application on port 0 and ask it for its port.
 //!
-//! Shutdown is ours, not only axum's: axum's graceful shutdown does not wait for upgraded
-//! (WebSocket) connections, so on the signal every connection is closed with 1001, every
-//! session stops its answers and saves them as interrupted, and both are awaited with a
-//! deadline before the database is closed.
+//! Connections are served by [`crate::serve`] (header timeout, connection cap).
+//!
+//! Shutdown is ours: on the signal the listener stops, HTTP connections finish their request,
+//! every WebSocket is closed with 1001, every session stops its answers and saves them as
+//! interrupted, and all of it is awaited with a deadline before the database is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -132,26 +132,25 @@ impl Application {
         } = self;
         let shutdown = state.shutdown.clone();
         let app = router(state.clone());
-        let signal = shutdown.clone();
-        // Streaming sends many small frames: Nagle's algorithm would hold each one back for
-        // the previous one's acknowledgement.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "could not set TCP_NODELAY");
-            }
-        });
-        axum::serve(
+        let http = crate::serve::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app,
+            crate::serve::Limits {
+                header_timeout: Duration::from_secs(state.config.server.header_timeout_secs),
+                max_connections: state.config.server.max_connections,
+            },
+            shutdown.clone(),
         )
-        .with_graceful_shutdown(async move { signal.cancelled().await })
-        .await?;
+        .await;
         state.connections.close();
         if tokio::time::timeout(grace, state.connections.wait())
             .await
             .is_err()
         {
             tracing::warn!("some WebSocket connections did not close in time");
+        }
+        if tokio::time::timeout(grace, http.wait()).await.is_err() {
+            tracing::warn!("some HTTP connections did not close in time");
         }
         if !state.sessions.shutdown(grace).await {
             tracing::warn!("some sessions did not finish saving in time");

@@ -503,3 +503,97 @@ async fn an_answer_past_its_targets_limit_is_cut_there_kept_and_said_so() {
     assert_eq!(ws.answers(2, &["A"]).await[0]["finish"], "stop");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_give_way_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(Db::Sqlite, |config| {
+        config.server.header_timeout_secs = 1;
+        config.server.max_connections = 60;
+    })
+    .await;
+    // Slowloris: 40 connections that start a request and never finish its headers.
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let mut socket = tokio::net::TcpStream::connect(app.address).await.unwrap();
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(socket);
+    }
+    // The server still answers while they hang.
+    let (status, body) = app.get("/healthz").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("ok")),
+        "{body}"
+    );
+    // Each is closed by the server once its headers are late (EOF, or a 408 and then EOF).
+    let started = std::time::Instant::now();
+    for socket in &mut slow {
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            socket.read_to_end(&mut rest),
+        )
+        .await
+        .expect("a slow connection stayed open")
+        .ok();
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // Slow connections holding every place: a health check takes the oldest one's place.
+    let mut slow = Vec::new();
+    for _ in 0..60 {
+        let mut socket = tokio::net::TcpStream::connect(app.address).await.unwrap();
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        slow.push(socket);
+    }
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 200);
+    let mut rest = Vec::new();
+    slow[0].read_to_end(&mut rest).await.ok();
+    drop(slow);
+
+    // More connections than the cap (WebSockets count too): one over it gets no answer, its
+    // socket is closed at once; the open ones are unaffected.
+    let mut idle = Vec::new();
+    for _ in 0..60 {
+        idle.push(app.ws().await);
+    }
+    let mut over = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let _ = over
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        over.read_to_end(&mut response),
+    )
+    .await
+    .expect("a connection over the cap was kept open");
+    assert!(
+        response.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    idle[0].start("scripted", &["fake"], "free").await;
+    drop(idle);
+    // Once they are gone, the server is fully usable again, WebSockets included.
+    let mut answered = false;
+    for _ in 0..50 {
+        if let Ok(response) = reqwest::get(app.url("/healthz")).await {
+            answered = response.status() == 200;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(answered);
+    let mut ws = app.ws().await;
+    ws.start("scripted", &["fake"], "free").await;
+    app.stop().await;
+}
