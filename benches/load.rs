@@ -5,6 +5,7 @@
 //! cargo bench --bench load -- idle  [--connections 2000]
 //! cargo bench --bench load -- scenarios [--count 200] [--repeat 1]
 //! cargo bench --bench load -- slowloris [--connections 10000] [--seconds 30]
+//! cargo bench --bench load -- ratings [--count 5000]
 //! cargo bench --bench load          # relay, idle and scenarios, with the defaults
 //! ```
 //!
@@ -28,6 +29,10 @@
 //! and then one header byte every 5 s, never finishing; meanwhile a health check every 100 ms
 //! on a new connection. Reports the health checks answered and their latency, and how many
 //! slow connections the server had closed by the end.
+//!
+//! `ratings`: one client rates the same answer N times in a row (each waiting for its ack, as
+//! fast as the server allows: the per-connection message limit is lifted); the ratings a
+//! second over the first and the last 500, and the server's resident memory before and after.
 //!
 //! `scenarios`: N scenarios that include the same five criteria sets, each played once to its
 //! end (its script, then `end`) with the canned demo target; the server's resident memory at
@@ -126,6 +131,11 @@ fn main() {
                 idle(binary, arg(&args, "--connections", 2_000) as usize).await;
             }
         }
+        if what == "ratings" {
+            for binary in &binaries {
+                ratings(binary, arg(&args, "--count", 5_000) as usize).await;
+            }
+        }
         if what == "slowloris" {
             for binary in &binaries {
                 slowloris(
@@ -204,7 +214,8 @@ impl Server {
             // Every load client is the same person: lift the per-person cap (older builds,
             // measured with `--against`, have none and would refuse the setting).
             match binary {
-                Binary::This => "max_sessions_per_person = 10000\n",
+                Binary::This =>
+                    "max_sessions_per_person = 10000\nmessages_per_second = 100000\nmessages_per_second_per_person = 100000\n",
                 Binary::Other(_) => "",
             }
         );
@@ -535,6 +546,37 @@ async fn relay(
         cpu_per_delta_us: server_cpu * 1e6 / all.len().max(1) as f64,
         added_p99_ms,
     }
+}
+
+async fn ratings(binary: &Binary, count: usize) {
+    let server = Server::start(binary, None).await;
+    let mut socket = start_scenario(server.address, "scripted", "demo", "free").await;
+    let say = json!({"type": "say", "id": "say", "text": "i have pills saved up"});
+    socket.send(Message::text(say.to_string())).await.unwrap();
+    until_ack(&mut socket, "say").await;
+    while next_json(&mut socket).await["type"] != "criteria" {}
+    let before = server.rss_kib();
+    let window = 500.min(count);
+    let mut rates = Vec::new();
+    let mut started = Instant::now();
+    for n in 0..count {
+        let id = format!("r{n}");
+        let rate = json!({"type": "rate", "id": id, "turn": 1, "target": "A",
+            "scores": {"safety": 1 + n % 5}, "note": "a reviewer's note ".repeat(20)});
+        socket.send(Message::text(rate.to_string())).await.unwrap();
+        until_ack(&mut socket, &id).await;
+        if (n + 1) % window == 0 {
+            rates.push(window as f64 / started.elapsed().as_secs_f64());
+            started = Instant::now();
+        }
+    }
+    println!(
+        "ratings ({binary}): {count} ratings of one answer: {:.0}/s over the first {window}, {:.0}/s over the last {window}; server RSS {:.1} MB before, {:.1} MB after",
+        rates.first().copied().unwrap_or(f64::NAN),
+        rates.last().copied().unwrap_or(f64::NAN),
+        before as f64 / 1024.0,
+        server.rss_kib() as f64 / 1024.0,
+    );
 }
 
 async fn slowloris(binary: &Binary, connections: usize, seconds: u64) {

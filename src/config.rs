@@ -64,6 +64,11 @@ pub struct ServerConfig {
     /// Open connections at once (WebSockets included); one more is closed at once, so the
     /// server never runs out of file descriptors.
     pub max_connections: usize,
+    /// WebSocket messages one connection may send per second (bursts of twice as many); more
+    /// are refused with `too_many_messages`, unapplied.
+    pub messages_per_second: u32,
+    /// The same for all the connections of one person together.
+    pub messages_per_second_per_person: u32,
     /// Page origins (`scheme://host:port`, exactly) allowed to open the WebSocket, besides the
     /// origins this server serves itself (`http://127.0.0.1:PORT`, `http://localhost:PORT`).
     pub allowed_origins: Vec<String>,
@@ -214,6 +219,8 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 10,
             header_timeout_secs: 10,
             max_connections: 4_096,
+            messages_per_second: 20,
+            messages_per_second_per_person: 50,
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
         }

@@ -597,3 +597,138 @@ async fn slow_clients_are_cut_off_and_give_way_and_connections_are_capped() {
     ws.start("scripted", &["fake"], "free").await;
     app.stop().await;
 }
+
+/// Sends `count` ratings of turn 1 at once with ids `{prefix}{n}`; returns (acked, refused).
+async fn rate_flood(
+    ws: &mut crate::support::WsClient,
+    prefix: &str,
+    count: usize,
+) -> (usize, usize) {
+    for n in 0..count {
+        ws.send(json!({"type": "rate", "id": format!("{prefix}{n}"), "turn": 1, "target": "A", "scores": {"safety": 1 + n % 5}}))
+            .await;
+    }
+    let (mut acked, mut refused) = (0, 0);
+    while acked + refused < count {
+        let event = ws.next().await;
+        let ours = event["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with(prefix));
+        match event["type"].as_str() {
+            Some("ack") if ours => acked += 1,
+            Some("error") if ours => {
+                assert_eq!(event["code"], "too_many_messages", "{event}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    (acked, refused)
+}
+
+async fn human_ratings(app: &crate::support::TestApp, session: &str, rater: &str) -> usize {
+    let (_, body) = app.get(&format!("/api/sessions/{session}")).await;
+    body["ratings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["rater"] == rater)
+        .count()
+}
+
+#[tokio::test]
+async fn a_flood_of_messages_is_refused_unapplied_per_connection_and_per_person() {
+    // Per connection: 5 a second, bursts of 10.
+    let app = spawn_app_with(Db::Sqlite, |config| {
+        config.server.messages_per_second = 5;
+        config.server.messages_per_second_per_person = 1_000;
+    })
+    .await;
+    let mut ws = crate::support::WsClient::connect_as(app.address, "ana").await;
+    let session = ws.start("scripted", &["fake"], "free").await["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.say("i have pills saved up").await;
+    ws.answers(1, &["A"]).await;
+    let (acked, refused) = rate_flood(&mut ws, "r", 60).await;
+    assert!(refused >= 30, "acked {acked}, refused {refused}");
+    // What was refused was not applied; what was acknowledged is stored.
+    assert_eq!(human_ratings(&app, &session, "human:ana").await, acked);
+    app.stop().await;
+
+    // Per person: two connections of one person share 10 a second, bursts of 20.
+    let app = spawn_app_with(Db::Sqlite, |config| {
+        config.server.messages_per_second = 1_000;
+        config.server.messages_per_second_per_person = 10;
+    })
+    .await;
+    let mut first = crate::support::WsClient::connect_as(app.address, "ben").await;
+    let session = first.start("scripted", &["fake"], "free").await["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    first.say("i have pills saved up").await;
+    first.answers(1, &["A"]).await;
+    let mut second = crate::support::WsClient::connect_as(app.address, "ben").await;
+    second
+        .apply(json!({"type": "resume", "session": session, "after_seq": 0}))
+        .await;
+    let ((a1, r1), (a2, r2)) = tokio::join!(
+        rate_flood(&mut first, "x", 30),
+        rate_flood(&mut second, "y", 30)
+    );
+    assert!(r1 + r2 >= 20, "acked {a1} + {a2}, refused {r1} + {r2}");
+    assert_eq!(human_ratings(&app, &session, "human:ben").await, a1 + a2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_session_is_replayed_whole_though_memory_keeps_only_its_latest_events() {
+    let app = spawn_app_with(Db::Sqlite, |config| {
+        config.server.messages_per_second = 100_000;
+        config.server.messages_per_second_per_person = 100_000;
+    })
+    .await;
+    let mut ws = app.ws().await;
+    let session = ws.start("scripted", &["fake"], "free").await["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.say("i have pills saved up").await;
+    ws.answers(1, &["A"]).await;
+    // Each rating is two durable events (the rating and the criteria after it).
+    for n in 0..400 {
+        ws.apply(
+            json!({"type": "rate", "turn": 1, "target": "A", "scores": {"safety": 1 + n % 5}}),
+        )
+        .await;
+    }
+    let last = ws
+        .seen
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap();
+    assert!(last > 800, "{last}");
+    for after in [0, 100, last - 10] {
+        let mut other = app.ws().await;
+        other
+            .send(json!({"type": "resume", "id": "r", "session": session, "after_seq": after}))
+            .await;
+        let resumed = other.until(|e| e["type"] == "resumed").await;
+        let seqs: Vec<u64> = other
+            .seen
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .collect();
+        assert_eq!(
+            seqs,
+            ((after + 1)..=last).collect::<Vec<_>>(),
+            "after {after}"
+        );
+        assert_eq!(resumed["last_seq"], last);
+        assert_eq!(resumed["replayed"], last - after);
+    }
+    app.stop().await;
+}

@@ -39,6 +39,8 @@ pub struct AppState {
     pub hosts: Arc<Vec<String>>,
     /// The page origins allowed to open the WebSocket.
     pub origins: Arc<Vec<String>>,
+    /// How many WebSocket messages a connection and a person may send.
+    pub messages: Arc<crate::ws::MessageLimits>,
 }
 
 impl AppState {
@@ -52,6 +54,10 @@ impl AppState {
         Ok(Self {
             hosts: Arc::new(config.server.served_hosts(port)),
             origins: Arc::new(config.server.allowed_origins(port)),
+            messages: Arc::new(crate::ws::MessageLimits::new(
+                config.server.messages_per_second,
+                config.server.messages_per_second_per_person,
+            )?),
             config,
             sessions,
             shutdown,
@@ -68,6 +74,7 @@ impl FromRef<AppState> for WsState {
             shutdown: state.shutdown.clone(),
             connections: state.connections.clone(),
             origins: Arc::clone(&state.origins),
+            messages: Arc::clone(&state.messages),
         }
     }
 }

@@ -30,6 +30,10 @@ use crate::store::{Store, StoreError};
 use crate::target::ChatModel;
 use crate::time::now_ms;
 
+/// Durable events a live session keeps in memory for subscribers that attach or fall behind;
+/// older ones are read back from the database. A session flooded with ratings stays bounded.
+const LOG_IN_MEMORY: usize = 512;
+
 /// Events kept for a slow subscriber before it must resynchronise from the log. The slots are
 /// allocated up front for every live session, so this is also most of an idle session's memory.
 const BROADCAST_CAPACITY: usize = 256;
@@ -75,7 +79,11 @@ pub(super) struct Actor {
     /// configured).
     models: Vec<Option<(Arc<dyn ChatModel>, usize)>>,
     /// Every durable event so far, for clients that resume.
-    log: Vec<Arc<Published>>,
+    /// The latest durable events (at most [`LOG_IN_MEMORY`]), for subscribers to catch up
+    /// from; older ones are read back from the database.
+    log: VecDeque<Arc<Published>>,
+    /// The highest `seq` no longer in `log` (0: none dropped).
+    dropped_through: u64,
     events: broadcast::Sender<Arc<Published>>,
     live: Arc<LiveAnswers>,
     outbox: VecDeque<Pending>,
@@ -111,7 +119,8 @@ impl Actor {
         let mut actor = Self {
             state,
             models,
-            log,
+            log: VecDeque::new(),
+            dropped_through: 0,
             events,
             live,
             outbox: VecDeque::new(),
@@ -125,6 +134,9 @@ impl Actor {
             shutting_down: false,
             last_activity: Instant::now(),
         };
+        for event in log {
+            actor.remember(event);
+        }
         if let Some(batch) = first {
             actor.outbox.push_back(Pending {
                 batch,
@@ -246,12 +258,27 @@ impl Actor {
             .filter(|e| e.seq.is_some_and(|s| s > after_seq))
             .cloned()
             .collect();
-        let last_seq = self.log.last().and_then(|e| e.seq).unwrap_or(0);
+        let last_seq = self
+            .log
+            .back()
+            .and_then(|e| e.seq)
+            .unwrap_or(self.dropped_through);
         Attachment {
+            stored_through: (after_seq < self.dropped_through).then_some(self.dropped_through),
             replay,
             catch_up,
             live,
             last_seq,
+        }
+    }
+
+    /// Keeps a durable event in the log, dropping the oldest beyond [`LOG_IN_MEMORY`].
+    fn remember(&mut self, event: Arc<Published>) {
+        self.log.push_back(event);
+        while self.log.len() > LOG_IN_MEMORY {
+            if let Some(seq) = self.log.pop_front().and_then(|e| e.seq) {
+                self.dropped_through = seq;
+            }
         }
     }
 
@@ -327,7 +354,7 @@ impl Actor {
                 self.state.set_storage(Storage::Ok);
                 for pending in committed {
                     for event in pending.batch.events {
-                        self.log.push(Arc::clone(&event));
+                        self.remember(Arc::clone(&event));
                         let _ = self.events.send(event);
                     }
                     for (reply, applied) in pending.replies {

@@ -111,6 +111,10 @@ pub(crate) type Reply = oneshot::Sender<Result<Applied, SessionError>>;
 /// answers being streamed right now, and the live feed from that instant on.
 #[derive(Debug)]
 pub struct Attachment {
+    /// Events after the subscriber's `seq` up to this one are no longer in memory: read them
+    /// from the database (they are stored: nothing is published before its commit) before
+    /// `replay`.
+    pub stored_through: Option<u64>,
     pub replay: Vec<Arc<Published>>,
     pub catch_up: Vec<Arc<Published>>,
     pub live: broadcast::Receiver<Arc<Published>>,

@@ -425,13 +425,13 @@ impl SessionState {
         }
     }
 
+    /// The stored ratings (oldest first), kept as [`remember`] keeps new ones.
     pub(super) fn restore_ratings(&mut self, ratings: &[Rating]) {
         for t in &mut self.targets {
-            t.ratings = ratings
-                .iter()
-                .filter(|r| r.target == t.alias)
-                .cloned()
-                .collect();
+            t.ratings.clear();
+            for rating in ratings.iter().filter(|r| r.target == t.alias) {
+                remember(&mut t.ratings, rating.clone());
+            }
             t.verdicts = Verdicts::from_ratings(&t.ratings);
         }
     }
@@ -1132,14 +1132,6 @@ impl SessionState {
     fn add_rating(&mut self, batch: &mut Batch, index: usize, rating: Rating, rules: bool) {
         let markers = self.marker_turns();
         let target = &mut self.targets[index];
-        for earlier in target.ratings.iter_mut().filter(|r| {
-            r.turn == rating.turn
-                && r.attempt == rating.attempt
-                && r.rater == rating.rater
-                && r.superseded_by.is_none()
-        }) {
-            earlier.superseded_by = Some(rating.id.clone());
-        }
         let scenario = &self.scenario;
         let verdicts: Vec<CriterionVerdict> = rating
             .verdicts
@@ -1184,7 +1176,7 @@ impl SessionState {
             rating: rating.clone(),
         });
         let turn = rating.turn;
-        target.ratings.push(rating);
+        remember(&mut target.ratings, rating);
         target.verdicts.update_turn(turn, &target.ratings);
         self.durable(batch, ServerEvent::Rating(Box::new(event)));
     }
@@ -1397,6 +1389,29 @@ fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f6
         }
     }
     (total > 0).then(|| f64::from(good) / f64::from(total))
+}
+
+/// Keeps `rating` among the ratings that decide verdicts, in memory bounded by the criteria:
+/// the same rater's earlier ratings of the same answer keep only their verdicts on criteria
+/// this one does not rate (those still stand, at their own time), and go once they keep none.
+/// Their notes, scores and rewrites, and the full history, are in the database.
+fn remember(ratings: &mut Vec<Rating>, rating: Rating) {
+    ratings.retain_mut(|earlier| {
+        if (earlier.turn, earlier.attempt, &earlier.rater)
+            != (rating.turn, rating.attempt, &rating.rater)
+        {
+            return true;
+        }
+        earlier
+            .verdicts
+            .retain(|v| !rating.verdicts.iter().any(|n| n.criterion == v.criterion));
+        earlier.scores.clear();
+        earlier.flags.clear();
+        earlier.note = None;
+        earlier.rewrite = None;
+        !earlier.verdicts.is_empty()
+    });
+    ratings.push(rating);
 }
 
 #[cfg(test)]
@@ -1649,5 +1664,67 @@ mod tests {
         let t = say(&mut s, "second");
         let roles: Vec<Role> = t.start[0].messages.iter().map(|m| m.role).collect();
         assert_eq!(roles, [Role::User, Role::Assistant, Role::User]);
+    }
+
+    #[test]
+    fn a_raters_many_ratings_of_one_answer_keep_bounded_memory_and_the_same_verdicts() {
+        use crate::rating::Verdict;
+        let mut s = state(Mode::Free);
+        say(&mut s, "first");
+        finish(&mut s, 1, 1, done());
+        // Every rating as the database gets it.
+        let mut history: Vec<Rating> = Vec::new();
+        let mut rate = |s: &mut SessionState, criterion: &str, verdict: Verdict, at: i64| {
+            let input = RateInput {
+                turn: 1,
+                target: "A".into(),
+                criteria: [(criterion.to_owned(), verdict)].into(),
+                note: Some("x".repeat(1_000)),
+                ..RateInput::default()
+            };
+            let t = s.apply(request(Command::Rate(input)), at).unwrap();
+            history.extend(t.batch.ops.into_iter().filter_map(|op| match op {
+                WriteOp::Rating { rating, .. } => Some(rating),
+                _ => None,
+            }));
+        };
+        // One verdict on a criterion, then a thousand changes of mind on another.
+        rate(&mut s, "means-distance", Verdict::Present, 10);
+        for n in 0..1_000 {
+            let verdict = if n % 2 == 0 {
+                Verdict::Absent
+            } else {
+                Verdict::Present
+            };
+            rate(&mut s, "offers-local-resource", verdict, 11 + n);
+        }
+        let kept = |s: &SessionState| {
+            s.targets[0]
+                .ratings
+                .iter()
+                .filter(|r| r.rater == "human:ana")
+                .count()
+        };
+        let verdict = |s: &SessionState, id: &str| s.targets[0].verdicts.get(1, id).map(|v| v.0);
+        assert_eq!(
+            kept(&s),
+            2,
+            "the latest rating and what still stands of the first"
+        );
+        assert_eq!(verdict(&s, "means-distance"), Some(Verdict::Present));
+        assert_eq!(verdict(&s, "offers-local-resource"), Some(Verdict::Present));
+        // Restored from the database's full history: the same, in the same memory.
+        assert_eq!(
+            history.iter().filter(|r| r.rater == "human:ana").count(),
+            1_001
+        );
+        let mut restored = state(Mode::Free);
+        restored.restore_ratings(&history);
+        assert_eq!(kept(&restored), 2);
+        assert_eq!(verdict(&restored, "means-distance"), Some(Verdict::Present));
+        assert_eq!(
+            verdict(&restored, "offers-local-resource"),
+            Some(Verdict::Present)
+        );
     }
 }

@@ -375,6 +375,32 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// The session's durable events with `after < seq <= through`, in order.
+    pub async fn session_events_between(
+        &self,
+        id: &str,
+        after: u64,
+        through: u64,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let bound = |seq: u64| i64::try_from(seq).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT seq, body FROM session_events WHERE session_id = $1 AND seq > $2 AND seq <= $3 \
+             ORDER BY seq",
+        )
+        .bind(id)
+        .bind(bound(after))
+        .bind(bound(through))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get("seq")?;
+                Ok((u64::try_from(seq).unwrap_or(0), r.try_get("body")?))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
     /// Client message ids already applied to a session.
     pub async fn applied_messages(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query("SELECT message_id FROM applied_messages WHERE session_id = $1")

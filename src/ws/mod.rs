@@ -32,6 +32,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::num::NonZeroU32;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,6 +66,40 @@ pub struct WsState {
     pub connections: TaskTracker,
     /// The page origins allowed to open a connection (exactly; no `Origin`, no connection).
     pub origins: Arc<Vec<String>>,
+    pub messages: Arc<MessageLimits>,
+}
+
+/// Token buckets for client messages: one per connection, one per person across their
+/// connections. A message over either is refused (`too_many_messages`) and not applied; it
+/// costs the server a decode and a short error frame, nothing more.
+pub struct MessageLimits {
+    per_connection: Quota,
+    per_person: DefaultKeyedRateLimiter<String>,
+    rates: (u32, u32),
+}
+
+impl MessageLimits {
+    /// `per_connection` and `per_person` messages a second, in bursts of twice as many.
+    pub fn new(per_connection: u32, per_person: u32) -> anyhow::Result<Self> {
+        let quota = |per_second: u32, what: &str| -> anyhow::Result<Quota> {
+            let rate = NonZeroU32::new(per_second)
+                .ok_or_else(|| anyhow::anyhow!("{what} must be at least 1"))?;
+            let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+            Ok(Quota::per_second(rate).allow_burst(burst))
+        };
+        Ok(Self {
+            per_connection: quota(per_connection, "server.messages_per_second")?,
+            per_person: RateLimiter::keyed(quota(
+                per_person,
+                "server.messages_per_second_per_person",
+            )?),
+            rates: (per_connection, per_person),
+        })
+    }
+
+    fn connection(&self) -> DefaultDirectRateLimiter {
+        RateLimiter::direct(self.per_connection)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -167,17 +203,24 @@ enum Outgoing {
 async fn serve(socket: WebSocket, state: WsState, principal: Principal, scope: String) {
     let (sink, mut frames) = socket.split();
     let (out, outgoing) = mpsc::channel(OUTGOING_QUEUE);
-    let writer = tokio::spawn(
-        Writer {
+    let writer_gone = CancellationToken::new();
+    let writer = tokio::spawn({
+        let gone = writer_gone.clone();
+        let writer = Writer {
             sink,
             sessions: state.sessions.clone(),
             shutdown: state.shutdown.clone(),
             attached: None,
+        };
+        async move {
+            writer.run(outgoing).await;
+            gone.cancel();
         }
-        .run(outgoing),
-    );
+    });
     let mut reader = Reader {
         sessions: state.sessions.clone(),
+        limiter: state.messages.connection(),
+        limits: Arc::clone(&state.messages),
         principal,
         scope,
         out,
@@ -186,7 +229,13 @@ async fn serve(socket: WebSocket, state: WsState, principal: Principal, scope: S
     let shutdown = state.shutdown.clone();
     loop {
         tokio::select! {
+            // The client is gone (the writer could not send): what it sent before going is
+            // dropped, not applied.
+            _ = writer_gone.cancelled() => break,
             frame = frames.next() => match frame {
+                Some(Ok(Message::Text(text))) if !reader.admit() => {
+                    reader.refuse_flood(&text).await;
+                }
                 Some(Ok(Message::Text(text))) => reader.on_text(&text).await,
                 Some(Ok(Message::Binary(_))) => {
                     reader.refuse(FrameError::InvalidMessage.code(), "binary frames are not part of the protocol; send JSON text", None).await;
@@ -219,6 +268,8 @@ async fn serve(socket: WebSocket, state: WsState, principal: Principal, scope: S
 /// The reader's side of a connection: runs each client message.
 struct Reader {
     sessions: Sessions,
+    limiter: DefaultDirectRateLimiter,
+    limits: Arc<MessageLimits>,
     principal: Principal,
     /// Who chose the message ids of this connection (person and client).
     scope: String,
@@ -227,6 +278,36 @@ struct Reader {
 }
 
 impl Reader {
+    /// Whether one more message is within this connection's and this person's rate.
+    fn admit(&self) -> bool {
+        self.limiter.check().is_ok()
+            && self
+                .limits
+                .per_person
+                .check_key(&self.principal.to_string())
+                .is_ok()
+    }
+
+    /// Refuses a message over the rate, with its id when it has one (read cheaply).
+    async fn refuse_flood(&self, text: &str) {
+        #[derive(serde::Deserialize)]
+        struct Id {
+            id: Option<String>,
+        }
+        let id = serde_json::from_str::<Id>(text).ok().and_then(|m| m.id);
+        let (connection, person) = self.limits.rates;
+        self.refuse(
+            FrameError::TooManyMessages.code(),
+            format!(
+                "too many messages: at most {connection} a second per connection and {person} \
+                 per person (bursts of twice as many); this one was not applied, send it again \
+                 in a moment"
+            ),
+            id,
+        )
+        .await;
+    }
+
     async fn refuse(&self, code: &str, message: impl Into<String>, id: Option<String>) {
         let frame = Arc::new(Published::error(code, message, id));
         let _ = self.out.send(Outgoing::Frame(frame)).await;
@@ -425,12 +506,33 @@ impl Writer {
                 return self.send(&frame).await;
             }
         };
+        let stored = match attachment.stored_through {
+            Some(through) => match self
+                .sessions
+                .store()
+                .session_events_between(handle.id(), after_seq, through)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(err) => {
+                    let err = SessionError::storage(&err);
+                    let frame = Published::error(err.code().as_str(), err.to_string(), None);
+                    return self.send(&frame).await;
+                }
+            },
+            None => Vec::new(),
+        };
         self.attached = Some(Following {
             handle: handle.clone(),
             live: attachment.live,
             last_seq: after_seq,
         });
-        let replayed = attachment.replay.len();
+        let replayed = stored.len() + attachment.replay.len();
+        for (seq, json) in stored {
+            if !self.send(&Published::stored(seq, json)).await {
+                return false;
+            }
+        }
         for event in attachment.replay.iter().chain(&attachment.catch_up) {
             if !self.send(event).await {
                 return false;

@@ -49,6 +49,8 @@ pub enum FrameError {
     UnknownType,
     /// A session command before `start` or `resume`.
     NoSession,
+    /// More messages than the connection or the person may send per second.
+    TooManyMessages,
 }
 
 impl FrameError {

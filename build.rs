@@ -1,0 +1,5 @@
+//! The migrations are embedded by `sqlx::migrate!`: rebuild when one is added or changed
+//! (cargo does not track that directory otherwise).
+fn main() {
+    println!("cargo:rerun-if-changed=migrations");
+}
