@@ -75,6 +75,16 @@ fn rating(c: &mut Criterion) {
         b.iter(|| rules.rate(std::hint::black_box(&plain), true))
     });
     group.finish();
+
+    // The longest answer a target gives by default (`max_answer_chars`, 50,000): what rating
+    // costs the session's task at most.
+    let longest: String = GOOD.chars().cycle().take(50_000).collect();
+    let mut group = c.benchmark_group("rules_rating_50000_chars_40_patterns");
+    group.sample_size(20);
+    group.bench_function("answer_with_matches", |b| {
+        b.iter(|| rules.rate(std::hint::black_box(&longest), true))
+    });
+    group.finish();
 }
 
 criterion_group!(benches, rating);

@@ -169,6 +169,12 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
             "target_truncated",
             "Hel",
         ),
+        // A line that never ends is cut at the line limit, not buffered for ever.
+        (
+            Reply::EndlessLine(vec!["Hi ".into()]),
+            "target_malformed_stream",
+            "Hi ",
+        ),
     ];
     for (turn, (reply, code, partial)) in (1u64..).zip(cases) {
         app.upstream.push("fake", reply);
@@ -200,7 +206,7 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
     // The partial text of a failed answer is rated like any text.
     let (_, stored) = app.get(&format!("/api/sessions/{session}")).await;
     let turns = stored["turns"].as_array().unwrap();
-    assert_eq!(turns.len(), 7);
+    assert_eq!(turns.len(), 8);
     let stalled = turns[1]["answers"]
         .as_array()
         .unwrap()
@@ -215,7 +221,7 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
 
     // And after all that, the target answers again.
     ws.say("are you back?").await;
-    let answers = ws.answers(8, &["A", "B"]).await;
+    let answers = ws.answers(9, &["A", "B"]).await;
     assert_eq!(answers[0]["finish"], "stop");
     app.stop().await;
 }

@@ -103,7 +103,7 @@ fn answer(
         }
 
         let first_token_deadline = (started + s.timeouts.first_token).min(total_deadline);
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = bounded(response.bytes_stream(), total_deadline).eventsource();
         let mut got_text = false;
         let mut finish: Option<String> = None;
         let mut tokens: Option<u32> = None;
@@ -127,8 +127,17 @@ fn answer(
                 None => Err(TargetError::Truncated(
                     "the stream ended without a finish reason or [DONE]".to_owned(),
                 ))?,
-                Some(Err(EventStreamError::Transport(err))) => {
+                Some(Err(EventStreamError::Transport(BodyError::Transport(err)))) => {
                     Err(TargetError::Truncated(without_url(&err)))?
+                }
+                Some(Err(EventStreamError::Transport(BodyError::LineTooLong))) => {
+                    Err(TargetError::Malformed(format!(
+                        "a line of the stream is longer than {} MiB",
+                        MAX_LINE_BYTES >> 20
+                    )))?
+                }
+                Some(Err(EventStreamError::Transport(BodyError::Deadline))) => {
+                    Err(TargetError::TotalTimeout(millis(s.timeouts.total)))?
                 }
                 Some(Err(err)) => Err(TargetError::Malformed(err.to_string()))?,
                 Some(Ok(event)) => event,
@@ -170,16 +179,73 @@ fn answer(
     }
 }
 
+/// Longest line of a server-sent event stream: far more than any chunk of an answer needs,
+/// far less than what would hold the decoder (a line is buffered whole until its newline).
+const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Longest non-streaming response body.
+const MAX_BODY_BYTES: usize = 16 << 20;
+
+/// Why the raw stream was cut before the event decoder saw more of it.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error(transparent)]
+    Transport(reqwest::Error),
+    #[error("a line is longer than the limit")]
+    LineTooLong,
+    #[error("the total time is up")]
+    Deadline,
+}
+
+/// The response body, cut with an error once a line grows past [`MAX_LINE_BYTES`] or the
+/// total deadline passes: checked on every piece, so neither holds however the decoder
+/// downstream spends its time.
+fn bounded(
+    body: impl futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>>,
+    deadline: Instant,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BodyError>> {
+    let mut line = 0usize;
+    body.map(move |piece| {
+        let piece = piece.map_err(BodyError::Transport)?;
+        if Instant::now() >= deadline {
+            return Err(BodyError::Deadline);
+        }
+        line = match piece.iter().rposition(|&b| b == b'\n' || b == b'\r') {
+            Some(end) => piece.len() - end - 1,
+            None => line + piece.len(),
+        };
+        if line > MAX_LINE_BYTES {
+            return Err(BodyError::LineTooLong);
+        }
+        Ok(piece)
+    })
+}
+
 /// A non-streaming answer, as the chunks a stream would have carried.
 async fn whole_answer(
     s: &Settings,
     response: reqwest::Response,
     total_deadline: Instant,
 ) -> Result<Vec<Chunk>, TargetError> {
-    let bytes = timeout_at(total_deadline, response.bytes())
+    // Read piece by piece: a body past the limit is refused, not buffered whole.
+    let read = async {
+        let mut bytes = Vec::new();
+        let mut body = response.bytes_stream();
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|err| TargetError::Truncated(without_url(&err)))?;
+            if bytes.len() + piece.len() > MAX_BODY_BYTES {
+                return Err(TargetError::Malformed(format!(
+                    "the response is longer than {} MiB",
+                    MAX_BODY_BYTES >> 20
+                )));
+            }
+            bytes.extend_from_slice(&piece);
+        }
+        Ok(bytes)
+    };
+    let bytes = timeout_at(total_deadline, read)
         .await
-        .map_err(|_| TargetError::TotalTimeout(millis(s.timeouts.total)))?
-        .map_err(|err| TargetError::Truncated(without_url(&err)))?;
+        .map_err(|_| TargetError::TotalTimeout(millis(s.timeouts.total)))??;
     let completion: Completion = serde_json::from_slice(&bytes).map_err(|err| {
         TargetError::Malformed(format!("the response is not a chat completion ({err})"))
     })?;

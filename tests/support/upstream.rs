@@ -59,6 +59,9 @@ pub enum Reply {
     Malformed(Vec<String>),
     /// These chunks, then the connection ends without a finish reason or `[DONE]`.
     CutAfter(Vec<String>),
+    /// These chunks, then a line that never ends (64 KiB pieces without a newline) until the
+    /// client goes away.
+    EndlessLine(Vec<String>),
     /// These chunks, then wait for the gate, then the rest and `[DONE]`.
     Gated(Vec<String>, Arc<Gate>, Vec<String>),
     /// An HTTP error whose body repeats the request's `Authorization` header, as some proxies
@@ -230,6 +233,14 @@ async fn completions(
                 for c in chunks {
                     send(chunk(&c)).await;
                 }
+            }
+            Reply::EndlessLine(chunks) => {
+                for c in chunks {
+                    send(chunk(&c)).await;
+                }
+                let piece = "a".repeat(64 * 1024);
+                let mut line = "data: ".to_owned();
+                while send(std::mem::take(&mut line) + &piece).await {}
             }
             Reply::Gated(first, gate, rest) => {
                 for c in first {
