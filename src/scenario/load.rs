@@ -147,21 +147,79 @@ pub fn load_bundle(bundle: &SourceBundle) -> Result<Scenario, Report> {
     }
 }
 
+/// Largest scenario, criteria or resources file read; a bigger one is refused.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads one source file: a regular file (a symlink is followed) of at most [`MAX_FILE_BYTES`]
+/// in valid UTF-8. Anything else is an error at the file, or at the line where the UTF-8
+/// breaks.
+fn read_source(path: &Path) -> Result<String, Diagnostic> {
+    use std::io::Read as _;
+    let at = |line: usize, col: usize, message: String| Diagnostic {
+        path: path.display().to_string(),
+        line,
+        col,
+        level: Level::Error,
+        message,
+    };
+    // `metadata` follows symlinks and does not open: a FIFO would block the open.
+    let meta =
+        std::fs::metadata(path).map_err(|e| at(1, 1, format!("cannot read this file: {e}")))?;
+    if !meta.is_file() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let kind = meta.file_type();
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_block_device() || kind.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(at(
+            1,
+            1,
+            format!("this is {what}, not a file: scenario sources must be regular files"),
+        ));
+    }
+    let too_big = || {
+        at(
+            1,
+            1,
+            format!(
+                "this file is larger than {} MiB, the most a scenario source may be",
+                MAX_FILE_BYTES >> 20
+            ),
+        )
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| at(1, 1, format!("cannot read this file: {e}")))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|err| {
+        let valid = err.utf8_error().valid_up_to();
+        let bytes = err.into_bytes();
+        let before = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
+        let (line, col) = line_col(before, valid);
+        at(
+            line,
+            col,
+            format!("this file is not valid UTF-8 here (byte {valid}); save it as UTF-8"),
+        )
+    })
+}
+
 fn read_dir_sources(dir: &Path, report: &mut Report) -> Files {
     let mut files = BTreeMap::new();
-    let mut read =
-        |rel: String, path: PathBuf, report: &mut Report| match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                files.insert(rel, Arc::from(text));
-            }
-            Err(err) => report.diagnostics.push(Diagnostic {
-                path: path.display().to_string(),
-                line: 1,
-                col: 1,
-                level: Level::Error,
-                message: format!("cannot read this file: {err}"),
-            }),
-        };
     for (sub, prefix) in [(dir.to_owned(), ""), (dir.join(CRITERIA_DIR), "criteria/")] {
         let entries = match std::fs::read_dir(&sub) {
             Ok(entries) => entries,
@@ -177,15 +235,22 @@ fn read_dir_sources(dir: &Path, report: &mut Report) -> Files {
                 return files;
             }
         };
+        // Every `*.toml` entry is a source; one that is not a regular file is reported, not
+        // skipped (a subdirectory without the extension, like `criteria/`, is not a source).
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
             .collect();
         paths.sort();
         for path in paths {
-            if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-                let rel = format!("{prefix}{name}");
-                read(rel, path.clone(), report);
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            match read_source(&path) {
+                Ok(text) => {
+                    files.insert(format!("{prefix}{name}"), Arc::from(text));
+                }
+                Err(diagnostic) => report.diagnostics.push(diagnostic),
             }
         }
     }
@@ -1416,6 +1481,56 @@ examples.absent = ["the dose is"]
         assert!(
             text.contains("student.toml:16:"),
             "template error line: {text}"
+        );
+    }
+
+    #[test]
+    fn only_regular_utf8_files_of_sane_size_are_read_and_the_rest_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("resources.toml"), RESOURCES).unwrap();
+        std::fs::create_dir(path("criteria")).unwrap();
+        std::fs::write(path("criteria/core.toml"), CORE).unwrap();
+        std::fs::write(path("student.toml"), SCENARIO).unwrap();
+        // Invalid UTF-8 on line 3, column 8.
+        std::fs::write(
+            path("latin1.toml"),
+            b"id = \"l\"\ntitle = \"l\"\nsummary=\"caf\xe9\"\n",
+        )
+        .unwrap();
+        std::fs::write(path("huge.toml"), vec![b'#'; (MAX_FILE_BYTES + 1) as usize]).unwrap();
+        let fifo = std::process::Command::new("mkfifo")
+            .arg(path("pipe.toml"))
+            .status()
+            .unwrap();
+        assert!(fifo.success());
+        std::os::unix::fs::symlink("/dev/zero", path("zero.toml")).unwrap();
+        let started = std::time::Instant::now();
+        let report = match load_dir(dir.path()) {
+            Ok(_) => panic!("the library loaded although some files cannot be read"),
+            Err(report) => report,
+        };
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let at = |name: &str| {
+            report
+                .diagnostics
+                .iter()
+                .find(|d| d.path.ends_with(name))
+                .unwrap_or_else(|| panic!("nothing said about {name}: {report}"))
+        };
+        let latin1 = at("latin1.toml");
+        assert_eq!((latin1.line, latin1.col), (3, 13), "{latin1}");
+        assert!(latin1.message.contains("UTF-8"), "{latin1}");
+        assert!(at("huge.toml").message.contains("larger than 4 MiB"));
+        assert!(at("pipe.toml").message.contains("FIFO"));
+        assert!(at("zero.toml").message.contains("device"));
+        // The good files were read all the same.
+        assert!(
+            report
+                .diagnostics
+                .iter()
+                .all(|d| !d.path.ends_with("student.toml")),
+            "{report}"
         );
     }
 
