@@ -84,6 +84,13 @@ fn main() -> ExitCode {
         } => lint(&config, paths, explain.as_deref(), locale.as_deref(), stats),
         Command::Config => {
             print!("{}", config.to_masked_toml());
+            // What the lists above come to once the server listens (port 0: whichever it gets).
+            let port = config.server.bind.port();
+            println!(
+                "\n# Effective, with the server's own names:\n# Host names served: {}\n# WebSocket origins accepted: {}",
+                config.server.served_hosts(port).join(", "),
+                config.server.allowed_origins(port).join(", ")
+            );
             ExitCode::SUCCESS
         }
         Command::Serve => run_async(serve(config)),

@@ -149,6 +149,11 @@ fn config_prints_the_effective_configuration_with_secrets_masked() {
         stdout.contains("name = \"demo\""),
         "built-in demo listed: {stdout}"
     );
+    assert!(
+        stdout
+            .contains("# WebSocket origins accepted: http://127.0.0.1:8080, http://localhost:8080"),
+        "the effective origin allowlist: {stdout}"
+    );
 }
 
 #[test]
