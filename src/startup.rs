@@ -31,6 +31,20 @@ pub struct Application {
     grace: Duration,
 }
 
+/// A listener with a long accept queue: a burst of connections (many tabs reconnecting after
+/// a restart, or a flood) waits there rather than being dropped by the kernel, which makes a
+/// client retry only after a second or more.
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(4_096)
+}
+
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let library = load_dir(&config.server.scenarios).map_err(|report| {
@@ -88,8 +102,7 @@ impl Application {
             },
             shutdown.child_token(),
         );
-        let listener = TcpListener::bind(config.server.bind)
-            .await
+        let listener = listen(config.server.bind)
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
         let address = listener.local_addr()?;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
