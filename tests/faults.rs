@@ -169,6 +169,14 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
             "target_truncated",
             "Hel",
         ),
+        // An answer the server ended without saying why is cut short, not complete.
+        (
+            Reply::NoFinish(vec!["Hel".into()]),
+            "target_truncated",
+            "Hel",
+        ),
+        // Nothing said is never a complete answer.
+        (Reply::EmptyStop, "target_empty_answer", ""),
         // A line that never ends is cut at the line limit, not buffered for ever.
         (
             Reply::EndlessLine(vec!["Hi ".into()]),
@@ -206,7 +214,7 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
     // The partial text of a failed answer is rated like any text.
     let (_, stored) = app.get(&format!("/api/sessions/{session}")).await;
     let turns = stored["turns"].as_array().unwrap();
-    assert_eq!(turns.len(), 8);
+    assert_eq!(turns.len(), 10);
     let stalled = turns[1]["answers"]
         .as_array()
         .unwrap()
@@ -221,7 +229,7 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
 
     // And after all that, the target answers again.
     ws.say("are you back?").await;
-    let answers = ws.answers(9, &["A", "B"]).await;
+    let answers = ws.answers(11, &["A", "B"]).await;
     assert_eq!(answers[0]["finish"], "stop");
     app.stop().await;
 }
@@ -736,5 +744,44 @@ async fn a_long_session_is_replayed_whole_though_memory_keeps_only_its_latest_ev
         assert_eq!(resumed["last_seq"], last);
         assert_eq!(resumed["replayed"], last - after);
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_streaming_a_slow_answer_is_bounded_by_the_total_time_and_needs_a_finish_reason() {
+    let app = spawn_app_with(Db::Sqlite, |config| {
+        for target in &mut config.targets {
+            if target.name == "fake" {
+                target.stream = false;
+                target.connect_timeout_ms = 200;
+                target.first_token_timeout_ms = 200;
+            }
+        }
+    })
+    .await;
+    let text = "Are you thinking about suicide? You can call or text 988 right now.";
+    // Generating takes longer than the connect and first-token timeouts: still an answer.
+    app.upstream.push(
+        "fake",
+        Reply::Slow(std::time::Duration::from_millis(800), text.into(), true),
+    );
+    // Without a finish reason, the same text is cut short.
+    app.upstream.push(
+        "fake",
+        Reply::Slow(std::time::Duration::ZERO, "I hear".into(), false),
+    );
+    let mut ws = app.ws().await;
+    ws.start("scripted", &["fake"], "free").await;
+    ws.say("i have pills saved up").await;
+    let answer = ws.answers(1, &["A"]).await.remove(0);
+    assert_eq!(
+        (answer["finish"].as_str(), answer["text"].as_str()),
+        (Some("stop"), Some(text)),
+        "{answer}"
+    );
+    ws.say("are you there").await;
+    let answer = ws.answers(2, &["A"]).await.remove(0);
+    assert_eq!(answer["text"], "I hear", "{answer}");
+    assert_eq!(answer["error"]["code"], "target_truncated", "{answer}");
     app.stop().await;
 }

@@ -89,8 +89,10 @@ pub enum TargetError {
     Http { status: u16, message: String },
     #[error("the model sent a malformed stream: {0}")]
     Malformed(String),
-    #[error("the connection closed before the answer was finished: {0}")]
+    #[error("the answer was cut off before the model finished it: {0}")]
     Truncated(String),
+    #[error("the model finished without answering anything (finish reason `{0}`)")]
+    Empty(String),
     #[error("the API key variable ${0} is not set")]
     MissingKey(String),
 }
@@ -117,6 +119,7 @@ impl TargetError {
             },
             TargetError::Malformed(m) => TargetError::Malformed(r(m)),
             TargetError::Truncated(m) => TargetError::Truncated(r(m)),
+            TargetError::Empty(m) => TargetError::Empty(r(m)),
             other @ (TargetError::ConnectTimeout(_)
             | TargetError::FirstTokenTimeout(_)
             | TargetError::Stalled(_)
@@ -139,6 +142,7 @@ impl TargetErrorCode {
             TargetErrorCode::Http => "target_http_error",
             TargetErrorCode::Malformed => "target_malformed_stream",
             TargetErrorCode::Truncated => "target_truncated",
+            TargetErrorCode::Empty => "target_empty_answer",
             TargetErrorCode::MissingKey => "target_key_missing",
         }
     }
@@ -187,10 +191,7 @@ impl Targets {
     /// Builds every target of the configuration (the built-in demos included).
     pub fn from_config(configs: &[TargetConfig]) -> Result<Self, String> {
         crate::tls::install_provider();
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("vigil/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+
         // Every key configured here, so that none of them is ever passed on from an upstream.
         let secrets: Arc<Vec<Secret>> = Arc::new(
             configs
@@ -203,6 +204,13 @@ impl Targets {
         );
         let mut by_name = BTreeMap::new();
         for config in configs {
+            // A client per target: the connect timeout is the client's (it bounds the TCP and
+            // TLS connection only, whatever the model then takes to answer).
+            let client = reqwest::Client::builder()
+                .user_agent(concat!("vigil/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+                .build()
+                .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
             let target = build_target(config, &client, &secrets)?;
             by_name.insert(config.name.clone(), target);
         }

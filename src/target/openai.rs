@@ -96,9 +96,11 @@ fn answer(
         }
         let response = send_with_retries(s, &body, started, total_deadline).await?;
         if !s.stream {
-            for chunk in whole_answer(s, response, total_deadline).await? {
+            let (chunks, end) = whole_answer(s, response, total_deadline).await?;
+            for chunk in chunks {
                 yield chunk;
             }
+            yield end?;
             return;
         }
 
@@ -125,7 +127,7 @@ fn answer(
             let event = match next {
                 None if finish.is_some() => break,
                 None => Err(TargetError::Truncated(
-                    "the stream ended without a finish reason or [DONE]".to_owned(),
+                    "the connection closed without a finish reason or [DONE]".to_owned(),
                 ))?,
                 Some(Err(EventStreamError::Transport(BodyError::Transport(err)))) => {
                     Err(TargetError::Truncated(without_url(&err)))?
@@ -174,7 +176,16 @@ fn answer(
                 }
             }
         }
-        let finish = finish.unwrap_or_else(|| "stop".to_owned());
+        // Complete only when the server says why it finished: a server that stops an answer
+        // to start another (llama.cpp by default) ends the stream with `[DONE]` and no reason.
+        let Some(finish) = finish else {
+            Err(TargetError::Truncated(
+                "the stream ended with [DONE] but no finish reason".to_owned(),
+            ))?
+        };
+        if !got_text {
+            Err(TargetError::Empty(finish.clone()))?;
+        }
         yield Chunk::Done { finish, tokens };
     }
 }
@@ -226,7 +237,7 @@ async fn whole_answer(
     s: &Settings,
     response: reqwest::Response,
     total_deadline: Instant,
-) -> Result<Vec<Chunk>, TargetError> {
+) -> Result<(Vec<Chunk>, Result<Chunk, TargetError>), TargetError> {
     // Read piece by piece: a body past the limit is refused, not buffered whole.
     let read = async {
         let mut bytes = Vec::new();
@@ -255,14 +266,21 @@ async fn whole_answer(
         .next()
         .ok_or_else(|| TargetError::Malformed("the response has no choices".to_owned()))?;
     let text = choice.message.and_then(|m| m.content).unwrap_or_default();
-    let finish = choice.finish_reason.unwrap_or_else(|| "stop".to_owned());
     let tokens = completion.usage.and_then(|u| u.completion_tokens);
     let mut chunks = Vec::new();
-    if !text.is_empty() {
+    let empty = text.is_empty();
+    if !empty {
         chunks.push(Chunk::Text(text));
     }
-    chunks.push(Chunk::Done { finish, tokens });
-    Ok(chunks)
+    // As for a stream: complete only with a finish reason, and never empty.
+    let end = match choice.finish_reason {
+        None => Err(TargetError::Truncated(
+            "the response has no finish reason".to_owned(),
+        )),
+        Some(finish) if empty => Err(TargetError::Empty(finish)),
+        Some(finish) => Ok(Chunk::Done { finish, tokens }),
+    };
+    Ok((chunks, end))
 }
 
 async fn send_with_retries(
@@ -285,12 +303,26 @@ async fn send_with_retries(
         if s.stream {
             request = request.header(reqwest::header::ACCEPT, "text/event-stream");
         }
-        let connect_deadline = (Instant::now() + s.timeouts.connect).min(total_deadline);
-        let (error, retry_after) = match timeout_at(connect_deadline, request.send()).await {
+        // The connection itself is bounded by the client's connect timeout. The response's
+        // headers come before the first token when streaming; without streaming they come
+        // with the whole answer, which only the total time bounds.
+        let headers_deadline = if s.stream {
+            (started + s.timeouts.first_token).min(total_deadline)
+        } else {
+            total_deadline
+        };
+        let (error, retry_after) = match timeout_at(headers_deadline, request.send()).await {
             Err(_) if Instant::now() >= total_deadline => {
                 return Err(TargetError::TotalTimeout(millis(s.timeouts.total)));
             }
-            Err(_) => return Err(TargetError::ConnectTimeout(millis(s.timeouts.connect))),
+            Err(_) => {
+                return Err(TargetError::FirstTokenTimeout(millis(
+                    s.timeouts.first_token,
+                )));
+            }
+            Ok(Err(err)) if err.is_connect() && err.is_timeout() => {
+                return Err(TargetError::ConnectTimeout(millis(s.timeouts.connect)));
+            }
             Ok(Err(err)) if err.is_connect() => (TargetError::Connect(without_url(&err)), None),
             Ok(Err(err)) => return Err(TargetError::Connect(without_url(&err))),
             Ok(Ok(response)) if response.status().is_success() => return Ok(response),

@@ -59,6 +59,14 @@ pub enum Reply {
     Malformed(Vec<String>),
     /// These chunks, then the connection ends without a finish reason or `[DONE]`.
     CutAfter(Vec<String>),
+    /// These chunks, then `[DONE]` with no finish reason (llama.cpp's server when a second
+    /// request interrupts the first).
+    NoFinish(Vec<String>),
+    /// A finish reason `stop` and `[DONE]` without a word.
+    EmptyStop,
+    /// Without streaming: the whole answer after this long (a model generating), with or
+    /// without a finish reason.
+    Slow(std::time::Duration, String, bool),
     /// These chunks, then a line that never ends (64 KiB pieces without a newline) until the
     /// client goes away.
     EndlessLine(Vec<String>),
@@ -190,10 +198,16 @@ async fn completions(
         return (StatusCode::from_u16(*status).unwrap(), body.to_string()).into_response();
     }
     if !stream {
-        let Reply::Text(text) = reply else {
-            panic!("only Text replies without streaming")
+        let (text, finish) = match reply {
+            Reply::Text(text) => (text, true),
+            Reply::Slow(delay, text, finish) => {
+                tokio::time::sleep(delay).await;
+                (text, finish)
+            }
+            _ => panic!("only Text and Slow replies without streaming"),
         };
-        let body = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
+        let finish = if finish { json!("stop") } else { Value::Null };
+        let body = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]});
         return axum::Json(body).into_response();
     }
 
@@ -234,6 +248,15 @@ async fn completions(
                     send(chunk(&c)).await;
                 }
             }
+            Reply::NoFinish(chunks) => {
+                for c in chunks {
+                    send(chunk(&c)).await;
+                }
+                send("data: [DONE]\n\n".to_owned()).await;
+            }
+            Reply::EmptyStop => {
+                send(FINISH.to_owned()).await;
+            }
             Reply::EndlessLine(chunks) => {
                 for c in chunks {
                     send(chunk(&c)).await;
@@ -254,7 +277,7 @@ async fn completions(
                 }
                 send(FINISH.to_owned()).await;
             }
-            Reply::Status(..) | Reply::EchoAuth(_) => unreachable!(),
+            Reply::Status(..) | Reply::EchoAuth(_) | Reply::Slow(..) => unreachable!(),
         }
     });
     (
