@@ -150,10 +150,11 @@ pub struct TargetConfig {
     /// Stream the answer with server-sent events (the default) or ask for it whole.
     #[serde(default = "default_true")]
     pub stream: bool,
-    /// Until the response headers arrive.
+    /// The TCP (and TLS) connection to the model's server.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Until the first piece of answer text arrives.
+    /// Streaming: until the first piece of answer text arrives (the response headers
+    /// included). Without streaming the whole answer comes at once, bounded by the total.
     #[serde(default = "default_first_token_timeout_ms")]
     pub first_token_timeout_ms: u64,
     /// Longest silence between two pieces of a streaming answer.
@@ -172,7 +173,8 @@ pub struct TargetConfig {
     /// Demo targets: pause between streamed words, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_delay_ms: Option<u64>,
-    /// Demo targets: picks which canned variants this target prefers.
+    /// Demo targets: picks which canned variants this target prefers. OpenAI-compatible
+    /// targets: the sampling `seed` sent with every request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
 }
@@ -284,6 +286,49 @@ pub struct Overrides {
     pub scenarios: Option<PathBuf>,
 }
 
+/// Settings that only one kind of target uses: on the other kind they would be silently
+/// ignored, so they are refused at their place in the file.
+const DEMO_ONLY: &[&str] = &["chunk_delay_ms"];
+
+fn refuse_unused_settings(text: &str, path: &str) -> Result<(), ConfigError> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(root) = DeTable::parse(text) else {
+        return Ok(());
+    };
+    let Some(targets) = root.get_ref().get("targets") else {
+        return Ok(());
+    };
+    let DeValue::Array(items) = targets.get_ref() else {
+        return Ok(());
+    };
+    for item in items {
+        let DeValue::Table(table) = item.get_ref() else {
+            continue;
+        };
+        let openai = table
+            .get("kind")
+            .is_some_and(|k| matches!(k.get_ref(), DeValue::String(s) if s == "openai"));
+        if !openai {
+            continue;
+        }
+        for (key, _) in table.iter() {
+            if DEMO_ONLY.contains(&key.get_ref().as_ref()) {
+                let (line, col) = crate::scenario::line_col(text, key.span().start);
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    line,
+                    col,
+                    message: format!(
+                        "`{}` applies only to demo targets; an openai target would ignore it",
+                        key.get_ref()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -336,7 +381,7 @@ impl Config {
 
     /// Parses configuration text; `path` is only used in error messages.
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|err| {
+        let config = toml::from_str(text).map_err(|err| {
             let (line, col) = err
                 .span()
                 .map(|span| crate::scenario::line_col(text, span.start))
@@ -347,7 +392,9 @@ impl Config {
                 col,
                 message: err.message().to_owned(),
             }
-        })
+        })?;
+        refuse_unused_settings(text, path)?;
+        Ok(config)
     }
 
     /// Checks what serde cannot: unique target names, a loopback address, sane limits.
@@ -561,5 +608,20 @@ mod tests {
                 .iter()
                 .any(|t| t.name == "demo" && t.seed == Some(7))
         );
+    }
+
+    #[test]
+    fn a_setting_an_openai_target_would_ignore_is_refused_at_its_place() {
+        let text = "[[targets]]\nname = \"gpt\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\nchunk_delay_ms = 5\n";
+        let err = Config::from_toml(text, "vigil.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "vigil.toml:6:1: `chunk_delay_ms` applies only to demo targets; an openai target would ignore it"
+        );
+        // On a demo target it is what it is for.
+        let demo = "[[targets]]\nname = \"slow\"\nkind = \"demo\"\nchunk_delay_ms = 5\n";
+        assert!(Config::from_toml(demo, "vigil.toml").is_ok());
     }
 }

@@ -755,6 +755,7 @@ async fn without_streaming_a_slow_answer_is_bounded_by_the_total_time_and_needs_
                 target.stream = false;
                 target.connect_timeout_ms = 200;
                 target.first_token_timeout_ms = 200;
+                target.seed = Some(42);
             }
         }
     })
@@ -783,5 +784,12 @@ async fn without_streaming_a_slow_answer_is_bounded_by_the_total_time_and_needs_
     let answer = ws.answers(2, &["A"]).await.remove(0);
     assert_eq!(answer["text"], "I hear", "{answer}");
     assert_eq!(answer["error"]["code"], "target_truncated", "{answer}");
+    // The seed configured is sent.
+    assert!(
+        app.upstream
+            .requests("fake")
+            .iter()
+            .all(|r| r.seed == Some(42))
+    );
     app.stop().await;
 }

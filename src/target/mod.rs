@@ -298,6 +298,7 @@ fn build_target(
                 secrets: Arc::clone(secrets),
                 temperature: config.temperature,
                 max_tokens: config.max_tokens,
+                seed: config.seed,
                 stream: config.stream,
                 timeouts,
                 retries: config.retries,

@@ -32,6 +32,8 @@ pub struct Settings {
     pub secrets: Arc<Vec<Secret>>,
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
+    /// Sampling seed, for servers that make answers repeatable with one.
+    pub seed: Option<u64>,
     pub stream: bool,
     pub timeouts: Timeouts,
     pub retries: u32,
@@ -93,6 +95,9 @@ fn answer(
         }
         if let Some(m) = s.max_tokens {
             body["max_tokens"] = m.into();
+        }
+        if let Some(seed) = s.seed {
+            body["seed"] = seed.into();
         }
         let response = send_with_retries(s, &body, started, total_deadline).await?;
         if !s.stream {

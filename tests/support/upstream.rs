@@ -81,6 +81,8 @@ pub enum Reply {
 #[derive(Clone, Debug)]
 pub struct Recorded {
     pub model: String,
+    /// The sampling seed sent, if any.
+    pub seed: Option<u64>,
     pub messages: Vec<(String, String)>,
     pub stream: bool,
 }
@@ -171,6 +173,7 @@ async fn completions(
     let stream = request["stream"].as_bool().unwrap_or(false);
     shared.requests.lock().unwrap().push(Recorded {
         model: model.clone(),
+        seed: request["seed"].as_u64(),
         messages,
         stream,
     });
