@@ -668,6 +668,11 @@ impl SessionState {
 
     /// Marks the target as answering `turn` and builds its request: its system prompt, then
     /// every patient line with its latest answer, up to `turn`.
+    ///
+    /// Roles always alternate (user, assistant, user, ..., user), as the chat templates of
+    /// many models require: an answer is sent as the patient saw it (a stopped or cut-off one
+    /// with the text it had), and the patient lines of turns with no answer text (it failed
+    /// before a word) are sent together with the next line, as one message, blank-line apart.
     fn answer_job(&mut self, index: usize, turn: u32, attempt: u32) -> AnswerJob {
         let target = &mut self.targets[index];
         target.answering = Some((turn, attempt));
@@ -675,16 +680,19 @@ impl SessionState {
         if let Some(system) = &target.system {
             messages.push(ChatMessage::new(Role::System, system.as_str()));
         }
+        let mut unanswered: Vec<&str> = Vec::new();
         for (i, line) in self.turns.iter().enumerate().take(turn as usize) {
             let number = i as u32 + 1;
-            messages.push(ChatMessage::new(Role::User, Arc::clone(&line.text)));
+            unanswered.push(&line.text);
             if number < turn
                 && let Some(answer) = target.answers.get(&number)
                 && !answer.text.is_empty()
             {
+                messages.push(user_message(&mut unanswered));
                 messages.push(ChatMessage::new(Role::Assistant, Arc::clone(&answer.text)));
             }
         }
+        messages.push(user_message(&mut unanswered));
         AnswerJob {
             target: index,
             turn,
@@ -1391,6 +1399,13 @@ fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f6
     (total > 0).then(|| f64::from(good) / f64::from(total))
 }
 
+/// The patient lines not answered yet, as one user message (taken out of `lines`).
+fn user_message(lines: &mut Vec<&str>) -> ChatMessage {
+    let text = lines.join("\n\n");
+    lines.clear();
+    ChatMessage::new(Role::User, text)
+}
+
 /// Keeps `rating` among the ratings that decide verdicts, in memory bounded by the criteria:
 /// the same rater's earlier ratings of the same answer keep only their verdicts on criteria
 /// this one does not rate (those still stand, at their own time), and go once they keep none.
@@ -1725,6 +1740,44 @@ mod tests {
         assert_eq!(
             verdict(&restored, "offers-local-resource"),
             Some(Verdict::Present)
+        );
+    }
+
+    #[test]
+    fn the_history_alternates_roles_whatever_failed() {
+        let mut s = state(Mode::Free);
+        say(&mut s, "first");
+        let failed = |s: &mut SessionState, turn: u32, text: &str, error: TargetError| {
+            let answer = FinishedAnswer {
+                target: 0,
+                turn,
+                attempt: 1,
+                text: text.into(),
+                ttft_ms: None,
+                duration_ms: 2,
+                started_at: 2,
+                end: StreamEnd::Failed(error),
+            };
+            s.answer_finished(answer, 3).expect("expected");
+        };
+        // The first answer fails before a word; the second is cut off after some.
+        failed(&mut s, 1, "", TargetError::FirstTokenTimeout(1));
+        say(&mut s, "second");
+        failed(&mut s, 2, "I am", TargetError::Truncated("cut".into()));
+        let t = say(&mut s, "third");
+        let roles: Vec<(Role, &str)> = t.start[0]
+            .messages
+            .iter()
+            .map(|m| (m.role, &*m.content))
+            .filter(|(role, _)| *role != Role::System)
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                (Role::User, "first\n\nsecond"),
+                (Role::Assistant, "I am"),
+                (Role::User, "third"),
+            ]
         );
     }
 }

@@ -169,6 +169,18 @@ async fn completions(
             )
         })
         .collect();
+    // As the chat templates of Mistral, Gemma or Llama 2 do: roles must alternate, starting
+    // and ending with the user (after an optional system prompt).
+    let alternates = messages
+        .iter()
+        .skip_while(|(role, _)| role == "system")
+        .enumerate()
+        .all(|(i, (role, _))| role == if i % 2 == 0 { "user" } else { "assistant" })
+        && messages.last().is_some_and(|(role, _)| role == "user");
+    if !alternates {
+        let body = json!({"error": {"message": "Conversation roles must alternate user/assistant/user/assistant/..."}});
+        return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    }
     let turn = messages.iter().filter(|(role, _)| role == "user").count();
     let stream = request["stream"].as_bool().unwrap_or(false);
     shared.requests.lock().unwrap().push(Recorded {
