@@ -211,12 +211,12 @@ impl Server {
              [[targets]]\nname = \"demo\"\nkind = \"demo\"\nchunk_delay_ms = 0\n",
             dir.path().join("vigil.db").display(),
             scenarios.display(),
-            // Every load client is the same person: lift the per-person cap (older builds,
-            // measured with `--against`, have none and would refuse the setting).
+            // Every load client is the same person: lift the per-person caps. An older build,
+            // measured with `--against`, refuses settings it does not know:
+            // `AGAINST_SERVER_CONFIG` gives the [server] lines it takes.
             match binary {
-                Binary::This =>
-                    "max_sessions_per_person = 10000\nmessages_per_second = 100000\nmessages_per_second_per_person = 100000\n",
-                Binary::Other(_) => "",
+                Binary::This => "max_sessions_per_person = 10000\nmessages_per_second = 100000\nmessages_per_second_per_person = 100000\n".to_owned(),
+                Binary::Other(_) => std::env::var("AGAINST_SERVER_CONFIG").unwrap_or_default(),
             }
         );
         if let Some(url) = upstream {
