@@ -650,6 +650,25 @@ async fn human_ratings(app: &crate::support::TestApp, session: &str, rater: &str
         .count()
 }
 
+/// A session of the `fake` target started by `name` (the default person when `None`), with
+/// its first line answered; the connection and the session id.
+async fn answered_session(
+    app: &crate::support::TestApp,
+    name: Option<&str>,
+) -> (crate::support::WsClient, String) {
+    let mut ws = match name {
+        Some(name) => crate::support::WsClient::connect_as(app.address, name).await,
+        None => app.ws().await,
+    };
+    let session = ws.start("scripted", &["fake"], "free").await["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.say("i have pills saved up").await;
+    ws.answers(1, &["A"]).await;
+    (ws, session)
+}
+
 #[tokio::test]
 async fn a_flood_of_messages_is_refused_unapplied_per_connection_and_per_person() {
     // Per connection: 5 a second, bursts of 10.
@@ -658,13 +677,7 @@ async fn a_flood_of_messages_is_refused_unapplied_per_connection_and_per_person(
         config.server.messages_per_second_per_person = 1_000;
     })
     .await;
-    let mut ws = crate::support::WsClient::connect_as(app.address, "ana").await;
-    let session = ws.start("scripted", &["fake"], "free").await["session"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    ws.say("i have pills saved up").await;
-    ws.answers(1, &["A"]).await;
+    let (mut ws, session) = answered_session(&app, Some("ana")).await;
     let (acked, refused) = rate_flood(&mut ws, "r", 60).await;
     assert!(refused >= 30, "acked {acked}, refused {refused}");
     // What was refused was not applied; what was acknowledged is stored.
@@ -677,13 +690,7 @@ async fn a_flood_of_messages_is_refused_unapplied_per_connection_and_per_person(
         config.server.messages_per_second_per_person = 10;
     })
     .await;
-    let mut first = crate::support::WsClient::connect_as(app.address, "ben").await;
-    let session = first.start("scripted", &["fake"], "free").await["session"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    first.say("i have pills saved up").await;
-    first.answers(1, &["A"]).await;
+    let (mut first, session) = answered_session(&app, Some("ben")).await;
     let mut second = crate::support::WsClient::connect_as(app.address, "ben").await;
     second
         .apply(json!({"type": "resume", "session": session, "after_seq": 0}))
@@ -704,13 +711,7 @@ async fn a_long_session_is_replayed_whole_though_memory_keeps_only_its_latest_ev
         config.server.messages_per_second_per_person = 100_000;
     })
     .await;
-    let mut ws = app.ws().await;
-    let session = ws.start("scripted", &["fake"], "free").await["session"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    ws.say("i have pills saved up").await;
-    ws.answers(1, &["A"]).await;
+    let (mut ws, session) = answered_session(&app, None).await;
     // Each rating is two durable events (the rating and the criteria after it).
     for n in 0..400 {
         ws.apply(

@@ -344,6 +344,42 @@ async fn group_commit_isolates_a_bad_write(db: Db) {
     }
 }
 
+/// A target's score is missing at first and set later, on the same connection (PostgreSQL
+/// refused the second after sqlx had bound the first NULL as `real`).
+async fn a_score_can_be_missing_then_set(db: Db) {
+    let (store, _dir) = store(db).await;
+    store
+        .write(vec![
+            version("sha", "scripted", 1),
+            session("s", "scripted", "sha", &["fake"], 1),
+        ])
+        .await
+        .unwrap();
+    let outcomes = |outcome: &str, score: Option<f64>| WriteOp::Outcomes {
+        session_id: "s".into(),
+        outcomes: vec![("A".into(), outcome.into(), score)],
+        updated_at: 2,
+    };
+    for (outcome, score) in [
+        ("in_progress", None),
+        ("pass", Some(0.9)),
+        ("fail", None),
+        ("pass", Some(1.0)),
+    ] {
+        store.write(vec![outcomes(outcome, score)]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn sqlite_a_score_can_be_missing_then_set() {
+    a_score_can_be_missing_then_set(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_a_score_can_be_missing_then_set() {
+    a_score_can_be_missing_then_set(Db::Postgres).await;
+}
+
 #[tokio::test]
 async fn sqlite_round_trip() {
     round_trip(Db::Sqlite).await;

@@ -361,18 +361,7 @@ impl Store {
 
     /// The session's durable events in order: `(seq, JSON body)`.
     pub async fn session_events(&self, id: &str) -> Result<Vec<(u64, String)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT seq, body FROM session_events WHERE session_id = $1 ORDER BY seq")
-                .bind(id)
-                .fetch_all(self.pool())
-                .await?;
-        rows.iter()
-            .map(|r| {
-                let seq: i64 = r.try_get("seq")?;
-                Ok((u64::try_from(seq).unwrap_or(0), r.try_get("body")?))
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(Into::into)
+        self.session_events_between(id, 0, u64::MAX).await
     }
 
     /// The session's durable events with `after < seq <= through`, in order.

@@ -513,15 +513,28 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             updated_at,
         } => {
             for (alias, outcome, score) in outcomes {
-                sqlx::query(
-                    "UPDATE session_targets SET outcome = $1, score = $2 WHERE session_id = $3 AND alias = $4",
-                )
-                .bind(outcome)
-                .bind(*score)
-                .bind(session_id)
-                .bind(alias)
-                .execute(&mut **tx)
-                .await?;
+                // A missing score is written as a literal NULL, never bound: sqlx's `Any`
+                // driver binds a NULL float as PostgreSQL's `real`, and the statement prepared
+                // with it then refuses every later `double precision` score on that connection
+                // ("incorrect binary data format in bind parameter 2").
+                let query = match score {
+                    Some(score) => sqlx::query(
+                        "UPDATE session_targets SET outcome = $1, score = $2 \
+                         WHERE session_id = $3 AND alias = $4",
+                    )
+                    .bind(outcome)
+                    .bind(*score),
+                    None => sqlx::query(
+                        "UPDATE session_targets SET outcome = $1, score = NULL \
+                         WHERE session_id = $2 AND alias = $3",
+                    )
+                    .bind(outcome),
+                };
+                query
+                    .bind(session_id)
+                    .bind(alias)
+                    .execute(&mut **tx)
+                    .await?;
             }
             touch(tx, session_id, *updated_at).await?;
         }
