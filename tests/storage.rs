@@ -18,6 +18,19 @@ async fn store(db: Db) -> (Store, tempfile::TempDir) {
     (store, dir)
 }
 
+/// A migrated store holding session `s` (one target, `A`).
+async fn store_with_session(db: Db) -> (Store, tempfile::TempDir) {
+    let (store, dir) = store(db).await;
+    store
+        .write(vec![
+            version("sha", "scripted", 1),
+            session("s", "scripted", "sha", &["fake"], 1),
+        ])
+        .await
+        .unwrap();
+    (store, dir)
+}
+
 fn version(sha: &str, scenario: &str, version: u32) -> WriteOp {
     WriteOp::ScenarioVersion {
         sha256: sha.into(),
@@ -309,14 +322,7 @@ async fn listing_filters_and_pages(db: Db) {
 }
 
 async fn group_commit_isolates_a_bad_write(db: Db) {
-    let (store, _dir) = store(db).await;
-    store
-        .write(vec![
-            version("sha", "scripted", 1),
-            session("s", "scripted", "sha", &["fake"], 1),
-        ])
-        .await
-        .unwrap();
+    let (store, _dir) = store_with_session(db).await;
     // Many writers at once: grouped into few transactions; one of them is a duplicate.
     let mut writes = Vec::new();
     for n in 1..=200u32 {
@@ -347,14 +353,7 @@ async fn group_commit_isolates_a_bad_write(db: Db) {
 /// A target's score is missing at first and set later, on the same connection (PostgreSQL
 /// refused the second after sqlx had bound the first NULL as `real`).
 async fn a_score_can_be_missing_then_set(db: Db) {
-    let (store, _dir) = store(db).await;
-    store
-        .write(vec![
-            version("sha", "scripted", 1),
-            session("s", "scripted", "sha", &["fake"], 1),
-        ])
-        .await
-        .unwrap();
+    let (store, _dir) = store_with_session(db).await;
     let outcomes = |outcome: &str, score: Option<f64>| WriteOp::Outcomes {
         session_id: "s".into(),
         outcomes: vec![("A".into(), outcome.into(), score)],
