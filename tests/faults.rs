@@ -794,3 +794,37 @@ async fn without_streaming_a_slow_answer_is_bounded_by_the_total_time_and_needs_
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_is_read_the_same_whatever_its_line_endings_comments_and_splits() {
+    let app = spawn_app().await;
+    let event = |text: &str, end: &str| {
+        let body =
+            json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+        format!("data: {body}{end}{end}").into_bytes()
+    };
+    let mut coffee = event("café ☕ ", "\r\n");
+    // Split inside the multi-byte characters, across reads.
+    let cut = coffee.iter().position(|&b| b == 0xc3).unwrap() + 1;
+    let rest = coffee.split_off(cut);
+    let (middle, last) = rest.split_at(rest.iter().position(|&b| b == 0xe2).unwrap() + 2);
+    let pieces = vec![
+        b": keep-alive\n\n".to_vec(),
+        coffee,
+        middle.to_vec(),
+        last.to_vec(),
+        event("ok", "\n"),
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\r\n\r\ndata: [DONE]\r\n\r\n".to_vec(),
+    ];
+    app.upstream.push("fake", Reply::Raw(pieces));
+    let mut ws = app.ws().await;
+    ws.start("scripted", &["fake"], "free").await;
+    ws.say("i have pills saved up").await;
+    let answer = ws.answers(1, &["A"]).await.remove(0);
+    assert_eq!(
+        (answer["text"].as_str(), answer["finish"].as_str()),
+        (Some("café ☕ ok"), Some("stop")),
+        "{answer}"
+    );
+    app.stop().await;
+}

@@ -64,6 +64,9 @@ pub enum Reply {
     NoFinish(Vec<String>),
     /// A finish reason `stop` and `[DONE]` without a word.
     EmptyStop,
+    /// These bytes as they are, piece by piece (after the role chunk): line endings, comments
+    /// and splits as a server or a proxy may produce them.
+    Raw(Vec<Vec<u8>>),
     /// Without streaming: the whole answer after this long (a model generating), with or
     /// without a finish reason.
     Slow(std::time::Duration, String, bool),
@@ -271,6 +274,13 @@ async fn completions(
             }
             Reply::EmptyStop => {
                 send(FINISH.to_owned()).await;
+            }
+            Reply::Raw(pieces) => {
+                for piece in pieces {
+                    if tx.send(Ok(Bytes::from(piece))).await.is_err() {
+                        return;
+                    }
+                }
             }
             Reply::EndlessLine(chunks) => {
                 for c in chunks {
