@@ -145,6 +145,20 @@ pub struct TargetConfig {
     pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// Sampling settings sent as they are when set (OpenAI-compatible targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    /// Sequences where the model stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
+    /// Anything else a server takes (`min_p`, `top_k`, `repetition_penalty`, ...), merged into
+    /// the request body; a key here wins over Vigil's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_body: Option<toml::Table>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_prompt: Option<String>,
     /// Stream the answer with server-sent events (the default) or ask for it whole.
@@ -252,6 +266,11 @@ impl TargetConfig {
             api_key_env: None,
             temperature: None,
             max_tokens: None,
+            top_p: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            stop: None,
+            extra_body: None,
             system_prompt: None,
             stream: true,
             connect_timeout_ms: default_connect_timeout_ms(),
@@ -289,6 +308,15 @@ pub struct Overrides {
 /// Settings that only one kind of target uses: on the other kind they would be silently
 /// ignored, so they are refused at their place in the file.
 const DEMO_ONLY: &[&str] = &["chunk_delay_ms"];
+const OPENAI_ONLY: &[&str] = &[
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "extra_body",
+];
 
 fn refuse_unused_settings(text: &str, path: &str) -> Result<(), ConfigError> {
     use toml::de::{DeTable, DeValue};
@@ -305,22 +333,26 @@ fn refuse_unused_settings(text: &str, path: &str) -> Result<(), ConfigError> {
         let DeValue::Table(table) = item.get_ref() else {
             continue;
         };
-        let openai = table
-            .get("kind")
-            .is_some_and(|k| matches!(k.get_ref(), DeValue::String(s) if s == "openai"));
-        if !openai {
-            continue;
-        }
+        let kind = table.get("kind").and_then(|k| match k.get_ref() {
+            DeValue::String(s) => Some(s.as_ref()),
+            _ => None,
+        });
+        let (unused, applies_to): (&[&str], &str) = match kind {
+            Some("openai") => (DEMO_ONLY, "demo"),
+            Some("demo") => (OPENAI_ONLY, "openai"),
+            _ => continue,
+        };
         for (key, _) in table.iter() {
-            if DEMO_ONLY.contains(&key.get_ref().as_ref()) {
+            if unused.contains(&key.get_ref().as_ref()) {
                 let (line, col) = crate::scenario::line_col(text, key.span().start);
                 return Err(ConfigError::Parse {
                     path: path.to_owned(),
                     line,
                     col,
                     message: format!(
-                        "`{}` applies only to demo targets; an openai target would ignore it",
-                        key.get_ref()
+                        "`{}` applies only to {applies_to} targets; this {} target would ignore it",
+                        key.get_ref(),
+                        kind.unwrap_or_default()
                     ),
                 });
             }
@@ -618,10 +650,18 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "vigil.toml:6:1: `chunk_delay_ms` applies only to demo targets; an openai target would ignore it"
+            "vigil.toml:6:1: `chunk_delay_ms` applies only to demo targets; this openai target would ignore it"
         );
         // On a demo target it is what it is for.
         let demo = "[[targets]]\nname = \"slow\"\nkind = \"demo\"\nchunk_delay_ms = 5\n";
         assert!(Config::from_toml(demo, "vigil.toml").is_ok());
+        // And a sampling setting on a demo target is refused the same way.
+        let demo = "[[targets]]\nname = \"d\"\nkind = \"demo\"\n  top_p = 0.9\n";
+        assert_eq!(
+            Config::from_toml(demo, "vigil.toml")
+                .unwrap_err()
+                .to_string(),
+            "vigil.toml:4:3: `top_p` applies only to openai targets; this demo target would ignore it"
+        );
     }
 }

@@ -757,6 +757,10 @@ async fn without_streaming_a_slow_answer_is_bounded_by_the_total_time_and_needs_
                 target.connect_timeout_ms = 200;
                 target.first_token_timeout_ms = 200;
                 target.seed = Some(42);
+                target.top_p = Some(0.9);
+                target.stop = Some(vec!["\n\nPatient:".into()]);
+                target.extra_body =
+                    Some(toml::from_str("min_p = 0.05\ntop_k = 40\ntop_p = 0.8").unwrap());
             }
         }
     })
@@ -785,13 +789,26 @@ async fn without_streaming_a_slow_answer_is_bounded_by_the_total_time_and_needs_
     let answer = ws.answers(2, &["A"]).await.remove(0);
     assert_eq!(answer["text"], "I hear", "{answer}");
     assert_eq!(answer["error"]["code"], "target_truncated", "{answer}");
-    // The seed configured is sent.
-    assert!(
-        app.upstream
-            .requests("fake")
-            .iter()
-            .all(|r| r.seed == Some(42))
-    );
+    // The settings configured are sent; `extra_body` wins over the named ones.
+    for request in app.upstream.requests("fake") {
+        assert_eq!(request.seed, Some(42));
+        let body = &request.body;
+        assert_eq!(
+            (
+                &body["top_p"],
+                &body["min_p"],
+                &body["top_k"],
+                &body["stop"]
+            ),
+            (
+                &json!(0.8),
+                &json!(0.05),
+                &json!(40),
+                &json!(["\n\nPatient:"])
+            ),
+            "{body}"
+        );
+    }
     app.stop().await;
 }
 

@@ -230,6 +230,48 @@ impl Targets {
     }
 }
 
+/// What a target's configuration adds to every request body: the sampling settings that are
+/// set, then `extra_body` (which wins over them).
+fn request_settings(
+    config: &TargetConfig,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let mut extra = serde_json::Map::new();
+    let numbers = [
+        ("top_p", config.top_p),
+        ("presence_penalty", config.presence_penalty),
+        ("frequency_penalty", config.frequency_penalty),
+    ];
+    for (key, value) in numbers {
+        if let Some(value) = value {
+            extra.insert(key.to_owned(), value.into());
+        }
+    }
+    if let Some(stop) = &config.stop {
+        extra.insert("stop".to_owned(), stop.clone().into());
+    }
+    if let Some(table) = &config.extra_body {
+        let value = serde_json::to_value(table).map_err(|e| {
+            format!(
+                "target `{}`: extra_body cannot be sent as JSON: {e}",
+                config.name
+            )
+        })?;
+        if let serde_json::Value::Object(map) = value {
+            if let Some(key) = ["model", "messages", "stream"]
+                .iter()
+                .find(|k| map.contains_key(**k))
+            {
+                return Err(format!(
+                    "target `{}`: extra_body cannot set `{key}`, which Vigil sends itself",
+                    config.name
+                ));
+            }
+            extra.extend(map);
+        }
+    }
+    Ok(extra)
+}
+
 fn build_target(
     config: &TargetConfig,
     client: &reqwest::Client,
@@ -299,6 +341,7 @@ fn build_target(
                 temperature: config.temperature,
                 max_tokens: config.max_tokens,
                 seed: config.seed,
+                extra: request_settings(config)?,
                 stream: config.stream,
                 timeouts,
                 retries: config.retries,

@@ -34,6 +34,8 @@ pub struct Settings {
     pub max_tokens: Option<u32>,
     /// Sampling seed, for servers that make answers repeatable with one.
     pub seed: Option<u64>,
+    /// The other sampling settings and `extra_body`, merged into every request (last wins).
+    pub extra: serde_json::Map<String, serde_json::Value>,
     pub stream: bool,
     pub timeouts: Timeouts,
     pub retries: u32,
@@ -98,6 +100,9 @@ fn answer(
         }
         if let Some(seed) = s.seed {
             body["seed"] = seed.into();
+        }
+        for (key, value) in &s.extra {
+            body[key.as_str()] = value.clone();
         }
         let response = send_with_retries(s, &body, started, total_deadline).await?;
         if !s.stream {

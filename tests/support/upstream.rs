@@ -86,6 +86,8 @@ pub struct Recorded {
     pub model: String,
     /// The sampling seed sent, if any.
     pub seed: Option<u64>,
+    /// The whole request body.
+    pub body: Value,
     pub messages: Vec<(String, String)>,
     pub stream: bool,
 }
@@ -189,6 +191,7 @@ async fn completions(
     shared.requests.lock().unwrap().push(Recorded {
         model: model.clone(),
         seed: request["seed"].as_u64(),
+        body: request.clone(),
         messages,
         stream,
     });
