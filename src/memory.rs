@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// Counts releases and trims after them, once per period.
+/// Remembers that something was released and trims, at most once per period, after it.
 #[derive(Debug, Clone, Default)]
 pub struct Trimmer {
     released: Arc<AtomicBool>,

@@ -680,7 +680,7 @@ impl SessionState {
         if let Some(system) = &target.system {
             messages.push(ChatMessage::new(Role::System, system.as_str()));
         }
-        let mut unanswered: Vec<&str> = Vec::new();
+        let mut unanswered: Vec<&Arc<str>> = Vec::new();
         for (i, line) in self.turns.iter().enumerate().take(turn as usize) {
             let number = i as u32 + 1;
             unanswered.push(&line.text);
@@ -1399,11 +1399,21 @@ fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f6
     (total > 0).then(|| f64::from(good) / f64::from(total))
 }
 
-/// The patient lines not answered yet, as one user message (taken out of `lines`).
-fn user_message(lines: &mut Vec<&str>) -> ChatMessage {
-    let text = lines.join("\n\n");
+/// The patient lines not answered yet, as one user message (taken out of `lines`); a single
+/// line is shared, not copied.
+fn user_message(lines: &mut Vec<&Arc<str>>) -> ChatMessage {
+    let content = match lines.as_slice() {
+        [line] => Arc::clone(line),
+        _ => Arc::from(
+            lines
+                .iter()
+                .map(|l| &***l)
+                .collect::<Vec<&str>>()
+                .join("\n\n"),
+        ),
+    };
     lines.clear();
-    ChatMessage::new(Role::User, text)
+    ChatMessage::new(Role::User, content)
 }
 
 /// Keeps `rating` among the ratings that decide verdicts, in memory bounded by the criteria:

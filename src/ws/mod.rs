@@ -221,6 +221,7 @@ async fn serve(socket: WebSocket, state: WsState, principal: Principal, scope: S
         sessions: state.sessions.clone(),
         limiter: state.messages.connection(),
         limits: Arc::clone(&state.messages),
+        person: principal.to_string(),
         principal,
         scope,
         out,
@@ -270,6 +271,8 @@ struct Reader {
     sessions: Sessions,
     limiter: DefaultDirectRateLimiter,
     limits: Arc<MessageLimits>,
+    /// The person's key in the per-person limiter (their principal, written once).
+    person: String,
     principal: Principal,
     /// Who chose the message ids of this connection (person and client).
     scope: String,
@@ -280,12 +283,7 @@ struct Reader {
 impl Reader {
     /// Whether one more message is within this connection's and this person's rate.
     fn admit(&self) -> bool {
-        self.limiter.check().is_ok()
-            && self
-                .limits
-                .per_person
-                .check_key(&self.principal.to_string())
-                .is_ok()
+        self.limiter.check().is_ok() && self.limits.per_person.check_key(&self.person).is_ok()
     }
 
     /// Refuses a message over the rate, with its id when it has one (read cheaply).
