@@ -5,6 +5,7 @@
 //! environment variable that holds its key, and the key is read into a [`Secret`] whose `Debug`
 //! and `Display` mask it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -133,7 +134,9 @@ pub struct TargetConfig {
     /// Unique name, used in `start` messages and in reports.
     pub name: String,
     pub kind: TargetKind,
-    /// Base URL of an OpenAI-compatible API, up to and including `/v1`.
+    /// Base URL of the API, up to and including `/v1` (a query string, such as Azure's
+    /// `?api-version=`, is kept on every request). Anthropic targets default to
+    /// `https://api.anthropic.com/v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,8 +146,37 @@ pub struct TargetConfig {
     pub api_key_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
+    /// Longest answer, in tokens. Anthropic targets send 1024 when it is not set (their API
+    /// requires it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// The same limit sent as `max_completion_tokens`, for models that refuse `max_tokens`
+    /// (OpenAI's o-series and newer). At most one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    /// The model's context length, in tokens: the history sent is fitted to it (the system
+    /// prompt and the latest turns are kept, the oldest turns left out, and each answer records
+    /// how many were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tokens: Option<u32>,
+    /// Requests this target's server takes at once: targets with the same `base_url` share the
+    /// limit (the smallest set wins), and an answer waiting for its turn records how long it
+    /// queued, apart from the model's time to first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
+    /// Headers sent with every request (OpenRouter's `HTTP-Referer` and `X-Title`,
+    /// `OpenAI-Organization`, ...). Stored with each session like the rest of this table, so
+    /// never a secret: keys go through `api_key_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_headers: Option<BTreeMap<String, String>>,
+    /// How the key is sent to an OpenAI-compatible server: `bearer` (`Authorization: Bearer`,
+    /// the default) or `api-key` (Azure OpenAI's `api-key` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_header: Option<AuthHeader>,
+    /// Streaming OpenAI-compatible targets ask for token counts with
+    /// `stream_options.include_usage`; `false` leaves it out for servers that refuse it.
+    #[serde(default = "default_true")]
+    pub stream_usage: bool,
     /// Sampling settings sent as they are when set (OpenAI-compatible targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
@@ -198,8 +230,29 @@ pub struct TargetConfig {
 pub enum TargetKind {
     /// Any OpenAI-compatible `/v1/chat/completions` endpoint.
     Openai,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Anthropic,
     /// Built-in canned answers; no network, no key.
     Demo,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Openai => "openai",
+            TargetKind::Anthropic => "anthropic",
+            TargetKind::Demo => "demo",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthHeader {
+    /// `Authorization: Bearer KEY`.
+    Bearer,
+    /// `api-key: KEY` (Azure OpenAI).
+    ApiKey,
 }
 
 fn default_true() -> bool {
@@ -266,6 +319,12 @@ impl TargetConfig {
             api_key_env: None,
             temperature: None,
             max_tokens: None,
+            max_completion_tokens: None,
+            context_tokens: None,
+            max_concurrent_requests: None,
+            extra_headers: None,
+            auth_header: None,
+            stream_usage: true,
             top_p: None,
             presence_penalty: None,
             frequency_penalty: None,
@@ -305,17 +364,32 @@ pub struct Overrides {
     pub scenarios: Option<PathBuf>,
 }
 
-/// Settings that only one kind of target uses: on the other kind they would be silently
-/// ignored, so they are refused at their place in the file.
-const DEMO_ONLY: &[&str] = &["chunk_delay_ms"];
-const OPENAI_ONLY: &[&str] = &[
+/// Settings each kind of target would silently ignore, so they are refused at their place in
+/// the file.
+const UNUSED_BY_OPENAI: &[&str] = &["chunk_delay_ms"];
+const UNUSED_BY_ANTHROPIC: &[&str] = &[
+    "chunk_delay_ms",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_completion_tokens",
+    "auth_header",
+    "stream_usage",
+];
+const UNUSED_BY_DEMO: &[&str] = &[
     "temperature",
     "max_tokens",
+    "max_completion_tokens",
     "top_p",
     "presence_penalty",
     "frequency_penalty",
     "stop",
     "extra_body",
+    "extra_headers",
+    "auth_header",
+    "stream_usage",
+    "context_tokens",
+    "max_concurrent_requests",
 ];
 
 fn refuse_unused_settings(text: &str, path: &str) -> Result<(), ConfigError> {
@@ -337,9 +411,10 @@ fn refuse_unused_settings(text: &str, path: &str) -> Result<(), ConfigError> {
             DeValue::String(s) => Some(s.as_ref()),
             _ => None,
         });
-        let (unused, applies_to): (&[&str], &str) = match kind {
-            Some("openai") => (DEMO_ONLY, "demo"),
-            Some("demo") => (OPENAI_ONLY, "openai"),
+        let unused = match kind {
+            Some("openai") => UNUSED_BY_OPENAI,
+            Some("anthropic") => UNUSED_BY_ANTHROPIC,
+            Some("demo") => UNUSED_BY_DEMO,
             _ => continue,
         };
         for (key, _) in table.iter() {
@@ -350,7 +425,7 @@ fn refuse_unused_settings(text: &str, path: &str) -> Result<(), ConfigError> {
                     line,
                     col,
                     message: format!(
-                        "`{}` applies only to {applies_to} targets; this {} target would ignore it",
+                        "`{}` does not apply to {} targets; this one would ignore it",
                         key.get_ref(),
                         kind.unwrap_or_default()
                     ),
@@ -650,7 +725,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "vigil.toml:6:1: `chunk_delay_ms` applies only to demo targets; this openai target would ignore it"
+            "vigil.toml:6:1: `chunk_delay_ms` does not apply to openai targets; this one would ignore it"
         );
         // On a demo target it is what it is for.
         let demo = "[[targets]]\nname = \"slow\"\nkind = \"demo\"\nchunk_delay_ms = 5\n";
@@ -661,7 +736,16 @@ mod tests {
             Config::from_toml(demo, "vigil.toml")
                 .unwrap_err()
                 .to_string(),
-            "vigil.toml:4:3: `top_p` applies only to openai targets; this demo target would ignore it"
+            "vigil.toml:4:3: `top_p` does not apply to demo targets; this one would ignore it"
+        );
+        // Anthropic's API has no seed or penalties.
+        let claude =
+            "[[targets]]\nname = \"c\"\nkind = \"anthropic\"\nmodel = \"claude\"\nseed = 7\n";
+        assert_eq!(
+            Config::from_toml(claude, "vigil.toml")
+                .unwrap_err()
+                .to_string(),
+            "vigil.toml:5:1: `seed` does not apply to anthropic targets; this one would ignore it"
         );
     }
 }

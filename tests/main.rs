@@ -12,3 +12,4 @@ mod protocol;
 mod restart;
 mod scenarios;
 mod storage;
+mod targets;

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use vigil::rating::{CriterionVerdict, Rating, Verdict};
 use vigil::store::{
-    AnswerRow, NewSession, NewSessionTarget, SessionFilter, Store, StoreError, WriteOp,
+    AnswerDetails, AnswerRow, NewSession, NewSessionTarget, SessionFilter, Store, StoreError,
+    WriteOp,
 };
 
 use crate::support::{Db, fresh_database};
@@ -113,6 +114,13 @@ async fn round_trip(db: Db) {
         tokens: Some(9),
         started_at: 20,
         completed_at: 21,
+        details: AnswerDetails {
+            prompt_tokens: Some(51),
+            queue_ms: Some(1200),
+            dropped_turns: Some(3),
+            reasoning: Some("She named a method; ask about timing.".into()),
+            refusal: None,
+        },
     };
     store
         .write(vec![

@@ -413,6 +413,10 @@ impl Actor {
                     end: StreamEnd::Failed(crate::target::TargetError::Connect(
                         "this target is not configured on this server".to_owned(),
                     )),
+                    queue_ms: None,
+                    reasoning: String::new(),
+                    refusal: String::new(),
+                    dropped_turns: job.dropped_turns,
                 };
                 self.on_finished(failed);
                 continue;

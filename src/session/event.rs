@@ -183,6 +183,8 @@ pub struct AnswerEvent {
     pub finish: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u32>,
+    #[serde(flatten)]
+    pub details: crate::store::AnswerDetails,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
 }

@@ -141,11 +141,16 @@ pub struct PumpContext {
     pub done: mpsc::Sender<FinishedAnswer>,
 }
 
-/// Streams one target's answer until it ends or is cancelled.
+/// Streams one target's answer until it ends or is cancelled. Time to first token and the
+/// duration count from when the request went out (`Chunk::Sent`); waiting for the endpoint
+/// before that is recorded apart.
 pub async fn pump(job: AnswerJob, ctx: PumpContext) {
-    let started = Instant::now();
+    let mut started = Instant::now();
     let started_at = now_ms();
     let mut ttft_ms = None;
+    let mut queue_ms = None;
+    let mut reasoning = Bounded::new(ctx.max_chars);
+    let mut refusal = Bounded::new(ctx.max_chars);
     ctx.live
         .begin(job.target, job.turn, job.attempt, Arc::clone(&ctx.alias));
     let mut stream = ctx.model.stream(job.messages);
@@ -154,6 +159,11 @@ pub async fn pump(job: AnswerJob, ctx: PumpContext) {
             biased;
             _ = ctx.cancel.cancelled() => break StreamEnd::Stopped,
             item = stream.next() => match item {
+                Some(Ok(Chunk::Sent { queued_ms })) => {
+                    queue_ms = (queued_ms > 0).then(|| i64::try_from(queued_ms).unwrap_or(i64::MAX));
+                    started = Instant::now();
+                }
+                Some(Ok(Chunk::Reasoning(text))) => reasoning.push(&text),
                 Some(Ok(Chunk::Text(text))) => {
                     if ttft_ms.is_none() {
                         ttft_ms = Some(elapsed_ms(started));
@@ -162,7 +172,18 @@ pub async fn pump(job: AnswerJob, ctx: PumpContext) {
                         break StreamEnd::TooLong(ctx.max_chars);
                     }
                 }
-                Some(Ok(Chunk::Done { finish, tokens })) => break StreamEnd::Completed { finish, tokens },
+                // Shown and rated as the answer (it is what the model's users would read),
+                // and recorded as a refusal.
+                Some(Ok(Chunk::Refusal(text))) => {
+                    if ttft_ms.is_none() {
+                        ttft_ms = Some(elapsed_ms(started));
+                    }
+                    refusal.push(&text);
+                    if !ctx.live.push(job.target, &text, ctx.max_chars, &ctx.events) {
+                        break StreamEnd::TooLong(ctx.max_chars);
+                    }
+                }
+                Some(Ok(Chunk::Done { finish, usage })) => break StreamEnd::Completed { finish, usage },
                 Some(Err(err)) => break StreamEnd::Failed(err),
                 None => break StreamEnd::Failed(TargetError::Truncated(
                     "the answer ended without a finish".to_owned(),
@@ -180,8 +201,37 @@ pub async fn pump(job: AnswerJob, ctx: PumpContext) {
         duration_ms: elapsed_ms(started),
         started_at,
         end,
+        queue_ms,
+        reasoning: reasoning.text,
+        refusal: refusal.text,
+        dropped_turns: job.dropped_turns,
     };
     let _ = ctx.done.send(finished).await;
+}
+
+/// Text kept up to a number of characters; the rest is let go.
+struct Bounded {
+    text: String,
+    room: usize,
+}
+
+impl Bounded {
+    fn new(max_chars: usize) -> Self {
+        Self {
+            text: String::new(),
+            room: max_chars,
+        }
+    }
+
+    fn push(&mut self, piece: &str) {
+        let cut = piece
+            .char_indices()
+            .nth(self.room)
+            .map_or(piece.len(), |(i, _)| i);
+        let kept = &piece[..cut];
+        self.room -= kept.chars().count();
+        self.text.push_str(kept);
+    }
 }
 
 fn elapsed_ms(since: Instant) -> i64 {

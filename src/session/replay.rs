@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::state::{NewSession, SessionState, SessionTarget};
+use super::state::{ContextFit, NewSession, SessionState, SessionTarget};
 use super::{Mode, view};
 use crate::config::TargetConfig;
 use crate::rating::RuleSet;
@@ -34,6 +34,13 @@ pub fn new_target(alias: String, target: &Target, scenario: &Scenario) -> Sessio
         target.info.unavailable.clone(),
         system_prompt(scenario, target.config.system_prompt.as_deref()),
     )
+    .with_context(target.config.context_tokens.map(|limit| {
+        let answer = target
+            .config
+            .max_tokens
+            .or(target.config.max_completion_tokens);
+        ContextFit::new(limit, answer)
+    }))
 }
 
 /// A stored session's target: as configured now if it still is, else from its stored

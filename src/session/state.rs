@@ -24,8 +24,8 @@ use crate::rating::{
     Verdict, Verdicts,
 };
 use crate::scenario::{Kind, Scenario, Scope};
-use crate::store::{AnswerRow, PreferenceRow, WriteOp};
-use crate::target::{ChatMessage, Role, TargetError};
+use crate::store::{AnswerDetails, AnswerRow, PreferenceRow, WriteOp};
+use crate::target::{ChatMessage, Role, TargetError, Usage};
 
 /// Longest note or rewrite a human rating may carry.
 pub const MAX_NOTE_CHARS: usize = 10_000;
@@ -51,6 +51,44 @@ pub struct SessionTarget {
     verdicts: Verdicts,
     /// The answer being generated: (turn, attempt).
     answering: Option<(u32, u32)>,
+    /// The context the history is fitted to, when the target declares one or its server
+    /// reported an overflow.
+    context: Option<ContextFit>,
+    /// Estimated tokens of the latest request (see [`estimate_tokens`]).
+    sent_tokens: u32,
+}
+
+/// A target's context budget: `limit` tokens in all, `reserve` of them left for the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextFit {
+    pub limit: u32,
+    pub reserve: u32,
+}
+
+impl ContextFit {
+    /// The budget of a target with this context length and answer limit: the answer's
+    /// `max_tokens` is reserved, or a quarter of the context (at most 1,024) without one.
+    pub fn new(limit: u32, max_tokens: Option<u32>) -> Self {
+        Self {
+            limit,
+            reserve: max_tokens.unwrap_or((limit / 4).min(1024)).min(limit / 2),
+        }
+    }
+
+    fn budget(self) -> u32 {
+        self.limit.saturating_sub(self.reserve)
+    }
+}
+
+/// Tokens a message is taken to cost when fitting a history: a byte in three plus four per
+/// message. No tokenizer of the target is at hand; this overestimates English text (about four
+/// characters a token) and most other scripts, so a fitted history stays under the limit.
+pub fn estimate_tokens(messages: &[ChatMessage]) -> u32 {
+    let total: usize = messages
+        .iter()
+        .map(|m| m.content.len().div_ceil(3) + 4)
+        .sum();
+    u32::try_from(total).unwrap_or(u32::MAX)
 }
 
 #[derive(Debug, Clone)]
@@ -79,7 +117,33 @@ impl SessionTarget {
             ratings: Vec::new(),
             verdicts: Verdicts::default(),
             answering: None,
+            context: None,
+            sent_tokens: 0,
         }
+    }
+
+    /// A context overflow reported by the server: the limit it named from now on, or, when it
+    /// named none, four fifths of what was just sent (less again at each overflow), so the
+    /// next request (a `regenerate`, the next turn) leaves out the oldest turns.
+    fn learn_context(&mut self, limit: Option<u32>) {
+        let reserve = self.context.map(|c| c.reserve);
+        let limit = limit
+            .filter(|&l| self.context.is_none_or(|c| l < c.limit))
+            .unwrap_or_else(|| {
+                let sent = self.sent_tokens.saturating_add(reserve.unwrap_or(0));
+                sent / 5 * 4
+            });
+        let fit = ContextFit::new(limit, None);
+        self.context = Some(ContextFit {
+            limit,
+            reserve: reserve.unwrap_or(fit.reserve).min(limit / 2),
+        });
+    }
+
+    /// Fits every request to this context.
+    pub fn with_context(mut self, context: Option<ContextFit>) -> Self {
+        self.context = context;
+        self
     }
 
     fn answered(&self) -> BTreeSet<u32> {
@@ -117,6 +181,8 @@ pub struct AnswerJob {
     pub turn: u32,
     pub attempt: u32,
     pub messages: Vec<ChatMessage>,
+    /// Earlier patient lines left out to fit the target's context.
+    pub dropped_turns: u32,
 }
 
 /// When the client that sent a command gets its answer.
@@ -168,7 +234,7 @@ impl Transition {
 pub enum StreamEnd {
     Completed {
         finish: String,
-        tokens: Option<u32>,
+        usage: Usage,
     },
     /// Stopped by `stop` or `end`.
     Stopped,
@@ -190,6 +256,12 @@ pub struct FinishedAnswer {
     pub duration_ms: i64,
     pub started_at: i64,
     pub end: StreamEnd,
+    /// Waiting for the endpoint before the request went out (not part of `ttft_ms`).
+    pub queue_ms: Option<i64>,
+    pub reasoning: String,
+    /// What came in the model's `refusal` field (also part of `text`).
+    pub refusal: String,
+    pub dropped_turns: u32,
 }
 
 /// A new session's settings.
@@ -503,6 +575,7 @@ impl SessionState {
                 tokens: None,
                 started_at: now,
                 completed_at: now,
+                details: AnswerDetails::default(),
             };
             self.record_answer(&mut batch, index, answer, false, now);
         }
@@ -673,6 +746,7 @@ impl SessionState {
     /// many models require: an answer is sent as the patient saw it (a stopped or cut-off one
     /// with the text it had), and the patient lines of turns with no answer text (it failed
     /// before a word) are sent together with the next line, as one message, blank-line apart.
+    /// The history is then fitted to the target's context (see [`fit`]).
     fn answer_job(&mut self, index: usize, turn: u32, attempt: u32) -> AnswerJob {
         let target = &mut self.targets[index];
         target.answering = Some((turn, attempt));
@@ -681,6 +755,8 @@ impl SessionState {
             messages.push(ChatMessage::new(Role::System, system.as_str()));
         }
         let mut unanswered: Vec<&Arc<str>> = Vec::new();
+        // Patient lines in each message, for what fitting the context leaves out.
+        let mut lines = vec![0u32; messages.len()];
         for (i, line) in self.turns.iter().enumerate().take(turn as usize) {
             let number = i as u32 + 1;
             unanswered.push(&line.text);
@@ -688,16 +764,20 @@ impl SessionState {
                 && let Some(answer) = target.answers.get(&number)
                 && !answer.text.is_empty()
             {
+                lines.extend([unanswered.len() as u32, 0]);
                 messages.push(user_message(&mut unanswered));
                 messages.push(ChatMessage::new(Role::Assistant, Arc::clone(&answer.text)));
             }
         }
         messages.push(user_message(&mut unanswered));
+        let dropped_turns = fit(&mut messages, &lines, target.context);
+        target.sent_tokens = estimate_tokens(&messages);
         AnswerJob {
             target: index,
             turn,
             attempt,
             messages,
+            dropped_turns,
         }
     }
 
@@ -993,20 +1073,23 @@ impl SessionState {
             return None;
         }
         target.answering = None;
-        let (finish, tokens, error) = match finished.end {
-            StreamEnd::Completed { finish, tokens } => (finish, tokens, None),
+        if let StreamEnd::Failed(TargetError::ContextExceeded { limit, .. }) = &finished.end {
+            target.learn_context(*limit);
+        }
+        let (finish, usage, error) = match finished.end {
+            StreamEnd::Completed { finish, usage } => (finish, usage, None),
             StreamEnd::Interrupted => (
                 "interrupted".to_owned(),
-                None,
+                Usage::default(),
                 Some(ErrorInfo {
                     code: AnswerFault::AnswerInterrupted.code().to_owned(),
                     message: "The server was shutting down; the answer so far is kept.".to_owned(),
                 }),
             ),
-            StreamEnd::Stopped => ("stopped".to_owned(), None, None),
+            StreamEnd::Stopped => ("stopped".to_owned(), Usage::default(), None),
             StreamEnd::TooLong(limit) => (
                 "truncated".to_owned(),
-                None,
+                Usage::default(),
                 Some(ErrorInfo {
                     code: AnswerFault::AnswerTooLong.code().to_owned(),
                     message: format!(
@@ -1017,7 +1100,7 @@ impl SessionState {
             ),
             StreamEnd::Failed(err) => (
                 "error".to_owned(),
-                None,
+                Usage::default(),
                 Some(ErrorInfo {
                     code: err.code().to_owned(),
                     message: err.to_string(),
@@ -1039,9 +1122,16 @@ impl SessionState {
             error_message: error.as_ref().map(|e| e.message.clone()),
             ttft_ms: finished.ttft_ms,
             duration_ms: finished.duration_ms,
-            tokens,
+            tokens: usage.completion,
             started_at: finished.started_at,
             completed_at: now,
+            details: AnswerDetails {
+                prompt_tokens: usage.prompt,
+                queue_ms: finished.queue_ms,
+                dropped_turns: (finished.dropped_turns > 0).then_some(finished.dropped_turns),
+                reasoning: (!finished.reasoning.is_empty()).then_some(finished.reasoning),
+                refusal: (!finished.refusal.is_empty()).then_some(finished.refusal),
+            },
         };
         let mut batch = Batch::default();
         self.record_answer(&mut batch, index, answer, complete, now);
@@ -1110,6 +1200,7 @@ impl SessionState {
             duration_ms: answer.duration_ms,
             finish: answer.finish.clone(),
             tokens: answer.tokens,
+            details: answer.details.clone(),
             error: answer.error_code.clone().map(|code| ErrorInfo {
                 code,
                 message: answer.error_message.clone().unwrap_or_default(),
@@ -1399,6 +1490,27 @@ fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f6
     (total > 0).then(|| f64::from(good) / f64::from(total))
 }
 
+/// Leaves out the oldest exchanges (a patient message and its answer, together, so roles keep
+/// alternating) until the estimate fits the context's budget; the system prompt and the latest
+/// patient message are always sent. Returns how many patient lines were left out.
+fn fit(messages: &mut Vec<ChatMessage>, lines: &[u32], context: Option<ContextFit>) -> u32 {
+    let Some(context) = context else {
+        return 0;
+    };
+    let first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
+    let mut dropped = 0u32;
+    let mut cost = estimate_tokens(messages);
+    let mut cut = first;
+    // [system] user assistant user assistant ... user: drop pairs from the front.
+    while cost > context.budget() && messages.len() - cut >= 3 {
+        cost -= estimate_tokens(&messages[cut..cut + 2]);
+        dropped += lines.get(cut).copied().unwrap_or(1);
+        cut += 2;
+    }
+    messages.drain(first..cut);
+    dropped
+}
+
 /// The patient lines not answered yet, as one user message (taken out of `lines`); a single
 /// line is shared, not copied.
 fn user_message(lines: &mut Vec<&Arc<str>>) -> ChatMessage {
@@ -1497,6 +1609,10 @@ mod tests {
                     duration_ms: 2,
                     started_at: 2,
                     end,
+                    queue_ms: None,
+                    reasoning: String::new(),
+                    refusal: String::new(),
+                    dropped_turns: 0,
                 },
                 3,
             )
@@ -1506,7 +1622,7 @@ mod tests {
     fn done() -> StreamEnd {
         StreamEnd::Completed {
             finish: "stop".into(),
-            tokens: None,
+            usage: Usage::default(),
         }
     }
 
@@ -1767,6 +1883,10 @@ mod tests {
                 duration_ms: 2,
                 started_at: 2,
                 end: StreamEnd::Failed(error),
+                queue_ms: None,
+                reasoning: String::new(),
+                refusal: String::new(),
+                dropped_turns: 0,
             };
             s.answer_finished(answer, 3).expect("expected");
         };

@@ -24,8 +24,8 @@ use sqlx::{AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
 pub use reads::{
-    AnswerRow, MarkerRow, Page, PreferenceRow, SessionFilter, SessionListItem, SessionRecord,
-    SessionRow, SessionTargetRow, TurnRow, VersionRow,
+    AnswerDetails, AnswerRow, MarkerRow, Page, PreferenceRow, SessionFilter, SessionListItem,
+    SessionRecord, SessionRow, SessionTargetRow, TurnRow, VersionRow,
 };
 pub use writer::{NewSession, NewSessionTarget, WriteOp};
 

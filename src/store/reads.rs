@@ -78,6 +78,29 @@ pub struct AnswerRow {
     pub tokens: Option<u32>,
     pub started_at: i64,
     pub completed_at: i64,
+    #[serde(flatten)]
+    pub details: AnswerDetails,
+}
+
+/// What an answer may carry besides its text: each only when there is something to say.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AnswerDetails {
+    /// Prompt tokens, as the server counted them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
+    /// Waiting for the endpoint's `max_concurrent_requests` before the request went out; not
+    /// part of `ttft_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<i64>,
+    /// Earlier patient lines left out of the request to fit the target's context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_turns: Option<u32>,
+    /// What a reasoning model thought before answering: kept for reviewers, never rated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// The part of `text` that came in the model's `refusal` field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -210,6 +233,13 @@ fn answer_row(row: &AnyRow) -> Result<AnswerRow, sqlx::Error> {
         tokens: get_opt_u32(row, "tokens")?,
         started_at: row.try_get("started_at")?,
         completed_at: row.try_get("completed_at")?,
+        details: AnswerDetails {
+            prompt_tokens: get_opt_u32(row, "prompt_tokens")?,
+            queue_ms: row.try_get("queue_ms")?,
+            dropped_turns: get_opt_u32(row, "dropped_turns")?,
+            reasoning: row.try_get("reasoning")?,
+            refusal: row.try_get("refusal")?,
+        },
     })
 }
 
@@ -299,7 +329,8 @@ impl Store {
 
         let answers = sqlx::query(
             "SELECT turn, target_alias, attempt, text, finish, error_code, error_message, ttft_ms, \
-             duration_ms, tokens, started_at, completed_at FROM answers WHERE session_id = $1 \
+             duration_ms, tokens, started_at, completed_at, prompt_tokens, queue_ms, dropped_turns, \
+             reasoning, refusal FROM answers WHERE session_id = $1 \
              ORDER BY turn, target_alias, attempt",
         )
         .bind(id)

@@ -402,8 +402,10 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
         } => {
             sqlx::query(
                 "INSERT INTO answers (session_id, turn, target_alias, attempt, text, finish, \
-                 error_code, error_message, ttft_ms, duration_ms, tokens, started_at, completed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 error_code, error_message, ttft_ms, duration_ms, tokens, started_at, completed_at, \
+                 prompt_tokens, queue_ms, dropped_turns, reasoning, refusal) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                 $17, $18)",
             )
             .bind(session_id)
             .bind(i64::from(a.turn))
@@ -418,6 +420,11 @@ async fn execute(tx: &mut Transaction<'_, Any>, op: &WriteOp) -> Result<(), sqlx
             .bind(opt_i64(a.tokens))
             .bind(a.started_at)
             .bind(a.completed_at)
+            .bind(opt_i64(a.details.prompt_tokens))
+            .bind(a.details.queue_ms)
+            .bind(opt_i64(a.details.dropped_turns))
+            .bind(&a.details.reasoning)
+            .bind(&a.details.refusal)
             .execute(&mut **tx)
             .await?;
             touch(tx, session_id, a.completed_at).await?;

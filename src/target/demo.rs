@@ -54,7 +54,7 @@ impl ChatModel for Demo {
             .map(|w| Ok(Chunk::Text(w.to_owned())));
         let done = Ok(Chunk::Done {
             finish: "stop".to_owned(),
-            tokens: None,
+            usage: Default::default(),
         });
         stream::iter(words.chain(std::iter::once(done)))
             .then(move |chunk| async move {

@@ -1,15 +1,21 @@
 //! Targets: the models that answer the patient.
 //!
 //! Every target implements [`ChatModel`]: given the conversation so far, it streams the answer
-//! as [`Chunk`]s. `openai` speaks any OpenAI-compatible `/v1/chat/completions` API; `demo` is
-//! built in and answers from canned text, so a fresh install works with no key and no network.
-//! All `openai` targets share one reqwest client. API keys are read from the environment
-//! variable a target names, kept in a [`Secret`], and never logged.
+//! as [`Chunk`]s. `openai` speaks any OpenAI-compatible `/v1/chat/completions` API,
+//! `anthropic` speaks Anthropic's Messages API; both go through [`stream`], which owns the
+//! HTTP side (queueing, retries, the timeouts, the limits on what a server may send). `demo`
+//! is built in and answers from canned text, so a fresh install works with no key and no
+//! network. API keys are read from the environment variable a target names, kept in a
+//! [`Secret`], and never logged.
 //!
 //! Not here: what to do with an answer (`session`), or how to rate it (`rating`).
 
+mod anthropic;
 mod demo;
+mod http;
 mod openai;
+mod stream;
+mod think;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,8 +24,9 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use serde::Serialize;
 
-use crate::config::{Secret, TargetConfig, TargetKind};
+use crate::config::{AuthHeader, Secret, TargetConfig, TargetKind};
 
+pub use anthropic::Anthropic;
 pub use demo::Demo;
 pub use openai::OpenAi;
 
@@ -48,16 +55,34 @@ impl ChatMessage {
     }
 }
 
-/// What a target streams: pieces of text, then one `Done`.
+/// What a target streams: `Sent` once the request has gone out, pieces of the answer (and of
+/// its reasoning), then one `Done`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {
-    Text(String),
-    Done {
-        /// As the model reported it (`stop`, `length`, ...).
-        finish: String,
-        /// Completion tokens, when the model reported them.
-        tokens: Option<u32>,
+    /// The request was sent after waiting this long for the endpoint's concurrency limit.
+    /// Time to first token counts from here.
+    Sent {
+        queued_ms: u64,
     },
+    Text(String),
+    /// What a reasoning model thinks before it answers (`reasoning_content`, `reasoning`,
+    /// inline `<think>`, Anthropic's thinking blocks): kept, never rated as the answer.
+    Reasoning(String),
+    /// The model's `refusal` field: shown and rated as its answer, and recorded as a refusal.
+    Refusal(String),
+    Done {
+        /// As the model reported it (`stop`, `length`, ...); Anthropic's reasons are mapped to
+        /// these (`end_turn` and `stop_sequence` to `stop`, `max_tokens` to `length`).
+        finish: String,
+        usage: Usage,
+    },
+}
+
+/// Tokens the server counted, when it said.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: Option<u32>,
+    pub completion: Option<u32>,
 }
 
 pub type ChunkStream = BoxStream<'static, Result<Chunk, TargetError>>;
@@ -93,6 +118,14 @@ pub enum TargetError {
     Truncated(String),
     #[error("the model finished without answering anything (finish reason `{0}`)")]
     Empty(String),
+    #[error("the conversation is longer than the model's context{}: {message}", limit.map(|l| format!(" of {l} tokens")).unwrap_or_default())]
+    ContextExceeded {
+        /// The context length, when the server or the target's `context_tokens` says it.
+        limit: Option<u32>,
+        message: String,
+    },
+    #[error("waited {0} ms for the model's server to take the request (max_concurrent_requests)")]
+    QueueTimeout(u64),
     #[error("the API key variable ${0} is not set")]
     MissingKey(String),
 }
@@ -120,7 +153,12 @@ impl TargetError {
             TargetError::Malformed(m) => TargetError::Malformed(r(m)),
             TargetError::Truncated(m) => TargetError::Truncated(r(m)),
             TargetError::Empty(m) => TargetError::Empty(r(m)),
+            TargetError::ContextExceeded { limit, message } => TargetError::ContextExceeded {
+                limit,
+                message: r(message),
+            },
             other @ (TargetError::ConnectTimeout(_)
+            | TargetError::QueueTimeout(_)
             | TargetError::FirstTokenTimeout(_)
             | TargetError::Stalled(_)
             | TargetError::TotalTimeout(_)
@@ -143,6 +181,8 @@ impl TargetErrorCode {
             TargetErrorCode::Malformed => "target_malformed_stream",
             TargetErrorCode::Truncated => "target_truncated",
             TargetErrorCode::Empty => "target_empty_answer",
+            TargetErrorCode::ContextExceeded => "target_context_exceeded",
+            TargetErrorCode::QueueTimeout => "target_queue_timeout",
             TargetErrorCode::MissingKey => "target_key_missing",
         }
     }
@@ -202,6 +242,26 @@ impl Targets {
                 .map(Secret::new)
                 .collect(),
         );
+        // One place in line per server that takes a limited number of requests at once.
+        let mut limits: BTreeMap<String, u32> = BTreeMap::new();
+        for config in configs {
+            if let (Some(base), Some(limit)) = (&config.base_url, config.max_concurrent_requests) {
+                if limit == 0 {
+                    return Err(format!(
+                        "target `{}`: max_concurrent_requests must be at least 1",
+                        config.name
+                    ));
+                }
+                let slot = limits
+                    .entry(base.trim_end_matches('/').to_owned())
+                    .or_insert(limit);
+                *slot = (*slot).min(limit);
+            }
+        }
+        let gates: BTreeMap<String, Arc<tokio::sync::Semaphore>> = limits
+            .into_iter()
+            .map(|(base, limit)| (base, Arc::new(tokio::sync::Semaphore::new(limit as usize))))
+            .collect();
         let mut by_name = BTreeMap::new();
         for config in configs {
             // A client per target: the connect timeout is the client's (it bounds the TCP and
@@ -211,7 +271,12 @@ impl Targets {
                 .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
                 .build()
                 .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-            let target = build_target(config, &client, &secrets)?;
+            let gate = config
+                .base_url
+                .as_deref()
+                .and_then(|base| gates.get(base.trim_end_matches('/')))
+                .cloned();
+            let target = build_target(config, &client, &secrets, gate)?;
             by_name.insert(config.name.clone(), target);
         }
         Ok(Self { by_name })
@@ -276,6 +341,7 @@ fn build_target(
     config: &TargetConfig,
     client: &reqwest::Client,
     secrets: &Arc<Vec<Secret>>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 ) -> Result<Target, String> {
     let name = &config.name;
     if name.trim().is_empty() {
@@ -287,77 +353,111 @@ fn build_target(
         stall: Duration::from_millis(config.stall_timeout_ms),
         total: Duration::from_millis(config.total_timeout_ms),
     };
-    match config.kind {
-        TargetKind::Demo => {
-            if config.base_url.is_some() || config.api_key_env.is_some() || config.model.is_some() {
-                return Err(format!(
-                    "target `{name}`: demo targets take no base_url, model or api_key_env"
-                ));
-            }
-            let delay = Duration::from_millis(config.chunk_delay_ms.unwrap_or(30));
-            let demo = Demo::new(config.seed.unwrap_or(0), delay);
-            Ok(Target {
-                info: TargetInfo {
-                    name: name.clone(),
-                    kind: TargetKind::Demo,
-                    model: None,
-                    canned: true,
-                    label: format!("{name} (canned answers, not a model)"),
-                    unavailable: None,
-                },
-                config: config.clone(),
-                model: Arc::new(demo),
-            })
+    let kind = config.kind;
+    if kind == TargetKind::Demo {
+        if config.base_url.is_some() || config.api_key_env.is_some() || config.model.is_some() {
+            return Err(format!(
+                "target `{name}`: demo targets take no base_url, model or api_key_env"
+            ));
         }
-        TargetKind::Openai => {
-            let base_url = config
-                .base_url
-                .as_deref()
-                .ok_or_else(|| format!("target `{name}`: openai targets need `base_url`"))?;
-            let url = reqwest::Url::parse(base_url)
-                .map_err(|e| format!("target `{name}`: base_url `{base_url}` is not a URL: {e}"))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(format!("target `{name}`: base_url must be http or https"));
-            }
-            let model = config
-                .model
-                .clone()
-                .ok_or_else(|| format!("target `{name}`: openai targets need `model`"))?;
-            let (key, unavailable) = match &config.api_key_env {
-                Some(var) => match std::env::var(var) {
-                    Ok(value) if !value.is_empty() => (Some(Secret::new(value)), None),
-                    _ => (None, Some(TargetError::MissingKey(var.clone()).to_string())),
-                },
-                None => (None, None),
-            };
-            let endpoint = format!("{}/chat/completions", base_url.trim_end_matches('/'));
-            let openai = OpenAi::new(openai::Settings {
-                client: client.clone(),
-                endpoint,
-                model: model.clone(),
-                key,
-                key_env: config.api_key_env.clone(),
-                secrets: Arc::clone(secrets),
-                temperature: config.temperature,
-                max_tokens: config.max_tokens,
-                seed: config.seed,
-                extra: request_settings(config)?,
-                stream: config.stream,
-                timeouts,
-                retries: config.retries,
-            });
-            Ok(Target {
-                info: TargetInfo {
-                    name: name.clone(),
-                    kind: TargetKind::Openai,
-                    label: format!("{name} ({model})"),
-                    model: Some(model),
-                    canned: false,
-                    unavailable,
-                },
-                config: config.clone(),
-                model: Arc::new(openai),
-            })
-        }
+        let delay = Duration::from_millis(config.chunk_delay_ms.unwrap_or(30));
+        let demo = Demo::new(config.seed.unwrap_or(0), delay);
+        return Ok(Target {
+            info: TargetInfo {
+                name: name.clone(),
+                kind,
+                model: None,
+                canned: true,
+                label: format!("{name} (canned answers, not a model)"),
+                unavailable: None,
+            },
+            config: config.clone(),
+            model: Arc::new(demo),
+        });
     }
+    let fail = |message: String| format!("target `{name}`: {message}");
+    let base_url = match (&config.base_url, kind) {
+        (Some(url), _) => url.as_str(),
+        (None, TargetKind::Anthropic) => "https://api.anthropic.com/v1",
+        (None, _) => return Err(fail("openai targets need `base_url`".to_owned())),
+    };
+    let model = config
+        .model
+        .clone()
+        .ok_or_else(|| fail(format!("{} targets need `model`", kind.as_str())))?;
+    if config.max_tokens.is_some() && config.max_completion_tokens.is_some() {
+        return Err(fail(
+            "set max_tokens or max_completion_tokens, not both".to_owned(),
+        ));
+    }
+    let (key, unavailable) = match &config.api_key_env {
+        Some(var) => match std::env::var(var) {
+            Ok(value) if !value.is_empty() => (Some(Secret::new(value)), None),
+            _ => (None, Some(TargetError::MissingKey(var.clone()).to_string())),
+        },
+        None => (None, None),
+    };
+    let missing_key = unavailable
+        .is_some()
+        .then(|| config.api_key_env.clone())
+        .flatten();
+    let (path, own, key_header): (_, Vec<(&'static str, String)>, _) = match kind {
+        TargetKind::Anthropic => (
+            "messages",
+            vec![("anthropic-version", anthropic::VERSION.to_owned())],
+            key.as_ref().map(|k| ("x-api-key", k.expose().to_owned())),
+        ),
+        _ => (
+            "chat/completions",
+            Vec::new(),
+            key.as_ref().map(|k| match config.auth_header {
+                Some(AuthHeader::ApiKey) => ("api-key", k.expose().to_owned()),
+                _ => ("authorization", format!("Bearer {}", k.expose())),
+            }),
+        ),
+    };
+    let endpoint = Arc::new(http::Endpoint {
+        client: client.clone(),
+        url: http::join(base_url, path).map_err(fail)?,
+        headers: http::headers(config.extra_headers.as_ref(), &own, key_header).map_err(fail)?,
+        missing_key,
+        secrets: Arc::clone(secrets),
+        stream: config.stream,
+        timeouts,
+        retries: config.retries,
+        gate,
+        context_tokens: config.context_tokens,
+    });
+    let extra = request_settings(config)?;
+    let chat: Arc<dyn ChatModel> = match kind {
+        TargetKind::Anthropic => Arc::new(Anthropic::new(anthropic::Settings {
+            endpoint,
+            model: model.clone(),
+            max_tokens: config.max_tokens.unwrap_or(anthropic::DEFAULT_MAX_TOKENS),
+            temperature: config.temperature,
+            extra,
+        })),
+        _ => Arc::new(OpenAi::new(openai::Settings {
+            endpoint,
+            model: model.clone(),
+            temperature: config.temperature,
+            max_tokens: config.max_tokens.or(config.max_completion_tokens),
+            completion_field: config.max_completion_tokens.is_some(),
+            seed: config.seed,
+            stream_usage: config.stream_usage,
+            extra,
+        })),
+    };
+    Ok(Target {
+        info: TargetInfo {
+            name: name.clone(),
+            kind,
+            label: format!("{name} ({model})"),
+            model: Some(model),
+            canned: false,
+            unavailable,
+        },
+        config: config.clone(),
+        model: chat,
+    })
 }

@@ -78,6 +78,9 @@ pub enum Reply {
     /// An HTTP error whose body repeats the request's `Authorization` header, as some proxies
     /// do; and, streamed, an answer that repeats it too.
     EchoAuth(u16),
+    /// HTTP 200 and an empty body (llama-cpp-python, streaming, when the prompt is longer
+    /// than its context).
+    EmptyBody,
 }
 
 /// A request as the fake received it.
@@ -90,6 +93,21 @@ pub struct Recorded {
     pub body: Value,
     pub messages: Vec<(String, String)>,
     pub stream: bool,
+    /// Every header, names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub query: Option<String>,
+    /// Anthropic's `system` field.
+    pub system: Option<String>,
+    pub arrived: std::time::Instant,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 #[derive(Default)]
@@ -110,6 +128,8 @@ impl FakeUpstream {
         let shared = Arc::new(Shared::default());
         let app = Router::new()
             .route("/v1/chat/completions", post(completions))
+            .route("/v1/messages", post(messages))
+            .route("/azure/deployments/d/chat/completions", post(completions))
             .with_state(Arc::clone(&shared));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -156,44 +176,39 @@ fn words(text: &str) -> Vec<String> {
 const ROLE_CHUNK: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
 const FINISH: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
 
-async fn completions(
-    State(shared): State<Arc<Shared>>,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request: Value = serde_json::from_slice(&body).unwrap();
-    let model = request["model"].as_str().unwrap_or_default().to_owned();
-    let messages: Vec<(String, String)> = request["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["role"].as_str().unwrap().to_owned(),
-                m["content"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    // As the chat templates of Mistral, Gemma or Llama 2 do: roles must alternate, starting
-    // and ending with the user (after an optional system prompt).
-    let alternates = messages
+/// Roles alternate, starting and ending with the user (after an optional system prompt), as
+/// the chat templates of Mistral, Gemma or Llama 2 require.
+fn alternates(messages: &[(String, String)]) -> bool {
+    messages
         .iter()
         .skip_while(|(role, _)| role == "system")
         .enumerate()
         .all(|(i, (role, _))| role == if i % 2 == 0 { "user" } else { "assistant" })
-        && messages.last().is_some_and(|(role, _)| role == "user");
-    if !alternates {
-        let body = json!({"error": {"message": "Conversation roles must alternate user/assistant/user/assistant/..."}});
-        return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
-    }
+        && messages.last().is_some_and(|(role, _)| role == "user")
+}
+
+fn record(
+    shared: &Shared,
+    request: &Value,
+    uri: &axum::http::Uri,
+    headers: &axum::http::HeaderMap,
+    messages: Vec<(String, String)>,
+) -> (String, Reply) {
+    let model = request["model"].as_str().unwrap_or_default().to_owned();
     let turn = messages.iter().filter(|(role, _)| role == "user").count();
-    let stream = request["stream"].as_bool().unwrap_or(false);
     shared.requests.lock().unwrap().push(Recorded {
         model: model.clone(),
         seed: request["seed"].as_u64(),
         body: request.clone(),
         messages,
-        stream,
+        stream: request["stream"].as_bool().unwrap_or(false),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect(),
+        query: uri.query().map(str::to_owned),
+        system: request["system"].as_str().map(str::to_owned),
+        arrived: std::time::Instant::now(),
     });
     let reply = shared
         .replies
@@ -206,6 +221,127 @@ async fn completions(
                 "I hear you. This is {model} answering turn {turn}."
             ))
         });
+    (model, reply)
+}
+
+fn event_stream(rx: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(ReceiverStream::new(rx)),
+    )
+        .into_response()
+}
+
+/// Anthropic's Messages API: text answers as its event stream (with a `ping`), statuses,
+/// raw bytes.
+async fn messages(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap();
+    let messages: Vec<(String, String)> = request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    if messages.iter().any(|(role, _)| role == "system") || !alternates(&messages) {
+        let body = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "messages: roles must alternate between \"user\" and \"assistant\""}});
+        return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    }
+    if request["max_tokens"].as_u64().is_none() || headers.get("anthropic-version").is_none() {
+        let body = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}});
+        return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    }
+    let (_, reply) = record(&shared, &request, &uri, &headers, messages);
+    let text = match reply {
+        Reply::Status(status, body) => {
+            return (StatusCode::from_u16(status).unwrap(), body).into_response();
+        }
+        Reply::Text(text) => text,
+        Reply::Raw(pieces) => {
+            let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+            tokio::spawn(async move {
+                for piece in pieces {
+                    if tx.send(Ok(Bytes::from(piece))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            return event_stream(rx);
+        }
+        _ => panic!("only Text, Status and Raw replies on the Messages API"),
+    };
+    if !request["stream"].as_bool().unwrap_or(false) {
+        let body = json!({"type": "message", "role": "assistant", "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "usage": {"input_tokens": 12, "output_tokens": 5}});
+        return axum::Json(body).into_response();
+    }
+    let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut events = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant", "content": [], "stop_reason": null, "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+        ),
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        event("ping", json!({"type": "ping"})),
+    ];
+    for word in words(&text) {
+        events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}})));
+    }
+    events.push(event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 5}})));
+    events.push(event("message_stop", json!({"type": "message_stop"})));
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    tokio::spawn(async move {
+        for e in events {
+            if tx.send(Ok(Bytes::from(e))).await.is_err() {
+                return;
+            }
+        }
+    });
+    event_stream(rx)
+}
+
+async fn completions(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap();
+    let messages: Vec<(String, String)> = request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    if !alternates(&messages) {
+        let body = json!({"error": {"message": "Conversation roles must alternate user/assistant/user/assistant/..."}});
+        return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    }
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    let (_, reply) = record(&shared, &request, &uri, &headers, messages);
 
     if let Reply::Status(status, body) = &reply {
         return (StatusCode::from_u16(*status).unwrap(), body.clone()).into_response();
@@ -217,6 +353,9 @@ async fn completions(
             .unwrap_or_default();
         let body = json!({"error": {"message": format!("invalid credentials: {auth}")}});
         return (StatusCode::from_u16(*status).unwrap(), body.to_string()).into_response();
+    }
+    if matches!(reply, Reply::EmptyBody) {
+        return ([(header::CONTENT_TYPE, "text/event-stream")], "").into_response();
     }
     if !stream {
         let (text, finish) = match reply {
@@ -305,15 +444,10 @@ async fn completions(
                 }
                 send(FINISH.to_owned()).await;
             }
-            Reply::Status(..) | Reply::EchoAuth(_) | Reply::Slow(..) => unreachable!(),
+            Reply::Status(..) | Reply::EchoAuth(_) | Reply::Slow(..) | Reply::EmptyBody => {
+                unreachable!()
+            }
         }
     });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(ReceiverStream::new(rx)),
-    )
-        .into_response()
+    event_stream(rx)
 }
