@@ -56,6 +56,21 @@ enum Command {
     Migrate,
     /// Print the effective configuration, secrets masked.
     Config,
+    /// The configured models.
+    Targets {
+        #[command(subcommand)]
+        action: TargetsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TargetsCommand {
+    /// Ask each target's server for its models and send it one tiny request with the target's
+    /// settings; say what works. Exits 1 if a target cannot answer.
+    Check {
+        /// Only this target [default: every configured one]
+        name: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -95,6 +110,51 @@ fn main() -> ExitCode {
         }
         Command::Serve => run_async(serve(config)),
         Command::Migrate => run_async(migrate(config)),
+        Command::Targets {
+            action: TargetsCommand::Check { name },
+        } => check_targets(&config, name.as_deref()),
+    }
+}
+
+fn check_targets(config: &Config, name: Option<&str>) -> ExitCode {
+    let targets = match vigil::target::Targets::from_config(&config.targets()) {
+        Ok(targets) => targets,
+        Err(err) => {
+            eprintln!("vigil: targets: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let chosen: Vec<&vigil::target::Target> = match name {
+        Some(name) => match targets.get(name) {
+            Some(target) => vec![target],
+            None => {
+                let known: Vec<&str> = targets.names().collect();
+                eprintln!(
+                    "vigil: no target `{name}`; configured: {}",
+                    known.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+        },
+        None => targets.iter().collect(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("vigil: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for target in chosen {
+        let report = runtime.block_on(vigil::target::check::check(target, true));
+        print!("{report}");
+        failed |= report.worst() == vigil::target::check::Level::Fail;
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -138,6 +198,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown.cancel();
     });
     let library = app.sessions().library();
+    // Whether each server serves its model, in the background: it only warns.
+    let configured = app.sessions().targets().clone();
+    tokio::spawn(async move {
+        for target in configured.iter() {
+            let report = vigil::target::check::check(target, false).await;
+            for finding in &report.findings {
+                use vigil::target::check::Level;
+                match finding.level {
+                    Level::Warn | Level::Fail => {
+                        tracing::warn!(name = %report.name, "{}", finding.text);
+                    }
+                    Level::Ok | Level::Note => {
+                        tracing::debug!(name = %report.name, "{}", finding.text);
+                    }
+                }
+            }
+        }
+    });
     let targets: Vec<&str> = app.sessions().targets().names().collect();
     tracing::info!(
         "Vigil listening on http://{} ({} scenarios from {scenarios}; targets: {}; database {database})",

@@ -268,6 +268,49 @@ async fn usage_reasoning_and_refusals_are_stored_and_only_the_answer_is_rated() 
 }
 
 #[tokio::test]
+async fn a_model_that_thinks_for_longer_than_the_first_token_timeout_is_not_cut_off() {
+    // First-token and stall timeouts of 1 s (the test targets'); the model thinks for 2.4 s,
+    // a piece every 0.6 s, before its first word of answer.
+    let app = spawn_app_with(Db::Sqlite, |_| {}).await;
+    let piece = |delta: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"choices": [{"index": 0, "delta": delta}]})
+        )
+        .into_bytes()
+    };
+    let mut pieces: Vec<Vec<u8>> = (0..4)
+        .map(|i| piece(json!({"reasoning_content": format!("step {i}. ")})))
+        .collect();
+    pieces.push(piece(json!({"content": "Are you safe right now?"})));
+    pieces.push(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n".to_vec());
+    app.upstream.push(
+        "fake",
+        Reply::Paced(std::time::Duration::from_millis(600), pieces),
+    );
+    // Silence as long, with no reasoning to show for it, is a first-token timeout.
+    app.upstream.push("fake", Reply::NoFirstToken);
+    let mut ws = app.ws().await;
+    start_open(&mut ws, &["fake"]).await;
+    ws.say("i have pills saved up").await;
+    let answer = ws.answers(1, &["A"]).await.remove(0);
+    assert_eq!(
+        (answer["text"].as_str(), answer["finish"].as_str()),
+        (Some("Are you safe right now?"), Some("stop")),
+        "{answer}"
+    );
+    assert_eq!(answer["reasoning"], "step 0. step 1. step 2. step 3. ");
+    assert!(answer["ttft_ms"].as_u64().unwrap() >= 2400, "{answer}");
+    ws.say("are you there").await;
+    let answer = ws.answers(2, &["A"]).await.remove(0);
+    assert_eq!(
+        answer["error"]["code"], "target_first_token_timeout",
+        "{answer}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn azure_and_openrouter_conventions_reach_the_server() {
     let app = spawn_app_with(Db::Sqlite, |config| {
         for target in &mut config.targets {
@@ -409,4 +452,72 @@ async fn anthropic_targets_speak_the_messages_api_from_the_configuration_file() 
     );
     ws.close().await;
     child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn targets_check_says_what_works_before_anyone_sits_down() {
+    use crate::support::{FakeUpstream, binary_config};
+    let upstream = FakeUpstream::start().await;
+    upstream.push(
+        "fake",
+        Reply::Raw(vec![
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"A check.\"}}]}\n\n".to_vec(),
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ready\"}}]}\n\n".to_vec(),
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n".to_vec(),
+        ]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "\n[[targets]]\nname = \"misnamed\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"nope\"\n\
+         \n[[targets]]\nname = \"keyless\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"fake-b\"\n\
+         api_key_env = \"VIGIL_TEST_KEY_THAT_IS_NOT_SET\"\n",
+        url = upstream.url
+    );
+    let config = binary_config(dir.path(), &upstream.url, &extra);
+    let run = |name: Option<&str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(["targets", "check"]);
+        command.args(name);
+        command.output()
+    };
+    let output = run(Some("fake")).await.unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{text}");
+    for expected in [
+        "the server lists `fake`",
+        "finish `stop`",
+        "token counts reported: 20 prompt, 1 completion",
+        "reasoning seen",
+        "it said: \"ready\"",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+    let request = &upstream.requests("fake")[0];
+    assert_eq!(
+        request.body["stream_options"],
+        json!({"include_usage": true})
+    );
+
+    // All of them: a wrong model name warns, a missing key fails the check.
+    let output = run(None).await.unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("warn the server does not list `nope`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL the API key variable $VIGIL_TEST_KEY_THAT_IS_NOT_SET is not set"),
+        "{text}"
+    );
+    assert!(
+        text.contains("demo (demo)\n  ok   canned answers"),
+        "{text}"
+    );
 }

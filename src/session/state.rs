@@ -1098,14 +1098,23 @@ impl SessionState {
                     ),
                 }),
             ),
-            StreamEnd::Failed(err) => (
-                "error".to_owned(),
-                Usage::default(),
-                Some(ErrorInfo {
-                    code: err.code().to_owned(),
-                    message: err.to_string(),
-                }),
-            ),
+            StreamEnd::Failed(err) => {
+                let mut message = err.to_string();
+                if let TargetError::ContextExceeded { .. } = err {
+                    message.push_str(
+                        ". From now on the oldest turns are left out for this target: ask for \
+                         this answer again, or go on.",
+                    );
+                }
+                (
+                    "error".to_owned(),
+                    Usage::default(),
+                    Some(ErrorInfo {
+                        code: err.code().to_owned(),
+                        message,
+                    }),
+                )
+            }
         };
         let complete = error.is_none() && finish != "stopped" && finish != "length";
         if let Some(err) = &error {

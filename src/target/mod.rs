@@ -11,6 +11,7 @@
 //! Not here: what to do with an answer (`session`), or how to rate it (`rating`).
 
 mod anthropic;
+pub mod check;
 mod demo;
 mod http;
 mod openai;
@@ -219,6 +220,8 @@ pub struct Target {
     /// The configuration it was built from, stored with each session (keys are never in it).
     pub config: TargetConfig,
     pub model: Arc<dyn ChatModel>,
+    /// How to ask its server what it serves (not for the demo).
+    pub probe: Option<check::Probe>,
 }
 
 /// All configured targets, by name.
@@ -373,6 +376,7 @@ fn build_target(
             },
             config: config.clone(),
             model: Arc::new(demo),
+            probe: None,
         });
     }
     let fail = |message: String| format!("target `{name}`: {message}");
@@ -416,10 +420,17 @@ fn build_target(
             }),
         ),
     };
+    let headers = http::headers(config.extra_headers.as_ref(), &own, key_header).map_err(fail)?;
+    let probe = check::Probe {
+        client: client.clone(),
+        models: http::join(base_url, "models").map_err(fail)?,
+        headers: headers.clone(),
+        timeout: timeouts.connect.max(Duration::from_secs(5)),
+    };
     let endpoint = Arc::new(http::Endpoint {
         client: client.clone(),
         url: http::join(base_url, path).map_err(fail)?,
-        headers: http::headers(config.extra_headers.as_ref(), &own, key_header).map_err(fail)?,
+        headers,
         missing_key,
         secrets: Arc::clone(secrets),
         stream: config.stream,
@@ -459,5 +470,6 @@ fn build_target(
         },
         config: config.clone(),
         model: chat,
+        probe: Some(probe),
     })
 }

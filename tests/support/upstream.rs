@@ -78,6 +78,9 @@ pub enum Reply {
     /// An HTTP error whose body repeats the request's `Authorization` header, as some proxies
     /// do; and, streamed, an answer that repeats it too.
     EchoAuth(u16),
+    /// These bytes piece by piece (after the role chunk), each after this pause: a model that
+    /// takes its time (thinking, say).
+    Paced(std::time::Duration, Vec<Vec<u8>>),
     /// HTTP 200 and an empty body (llama-cpp-python, streaming, when the prompt is longer
     /// than its context).
     EmptyBody,
@@ -129,6 +132,12 @@ impl FakeUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(completions))
             .route("/v1/messages", post(messages))
+            .route(
+                "/v1/models",
+                axum::routing::get(|| async {
+                    axum::Json(json!({"object": "list", "data": [{"id": "fake"}, {"id": "fake-b"}, {"id": "claude"}]}))
+                }),
+            )
             .route("/azure/deployments/d/chat/completions", post(completions))
             .with_state(Arc::clone(&shared));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -419,6 +428,14 @@ async fn completions(
             }
             Reply::Raw(pieces) => {
                 for piece in pieces {
+                    if tx.send(Ok(Bytes::from(piece))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Reply::Paced(pause, pieces) => {
+                for piece in pieces {
+                    tokio::time::sleep(pause).await; // the model's own pace, not a wait on a test
                     if tx.send(Ok(Bytes::from(piece))).await.is_err() {
                         return;
                     }

@@ -126,6 +126,9 @@
     target_http_error: 'The model server answered with an error.',
     target_malformed_stream: 'The model sent an answer that could not be read.',
     target_truncated: 'The answer ended early.',
+    target_empty_answer: 'The model finished without answering.',
+    target_context_exceeded: 'The conversation is longer than this model can take in.',
+    target_queue_timeout: 'The model’s server was busy with other answers for too long.',
     target_key_missing: 'The API key for this model is not set on the server.',
     target_unavailable: 'This model cannot answer right now.',
     answer_interrupted: 'The server stopped before this answer was complete.',
@@ -1112,6 +1115,7 @@
       { class: 'answer is-waiting', id: base, 'aria-labelledby': `${base}-h`, 'data-target': alias },
       h('header', { class: 'answer-top' }, answer.headEl, answer.stateEl),
       answer.earlierEl,
+      answer.reasoningEl,
       answer.textEl,
       answer.errorEl,
       answer.metaEl,
@@ -1133,6 +1137,7 @@
   /** The elements an attempt's text, errors, timing and verdicts are drawn into. */
   function attemptElements(verdictsLabel) {
     return {
+      reasoningEl: h('details', { class: 'answer-reasoning', hidden: true }),
       textEl: h('div', { class: 'answer-text' }),
       errorEl: h('p', { class: 'answer-error', hidden: true }),
       metaEl: h('p', { class: 'answer-meta muted', hidden: true }),
@@ -1170,7 +1175,7 @@
     Object.assign(rec, attemptElements(`Criteria for attempt ${rec.attempt} of answer ${answer.alias}, turn ${answer.turn}`));
     rec.verdictsEl.dataset.closed = 'true'; // compact: its criteria list opens on request
     rec.summaryEl = h('summary', { class: 'earlier-summary' });
-    rec.el = h('details', { class: 'earlier-attempt' }, rec.summaryEl, rec.textEl, rec.errorEl, rec.metaEl, rec.verdictsEl);
+    rec.el = h('details', { class: 'earlier-attempt' }, rec.summaryEl, rec.reasoningEl, rec.textEl, rec.errorEl, rec.metaEl, rec.verdictsEl);
     return rec;
   }
 
@@ -1324,14 +1329,30 @@
       rec.errorEl.append('The server stopped before this answer was complete; the text so far is kept.');
     }
 
-    // Timing.
+    // A reasoning model's thinking: collapsed, for reviewers; never what was rated.
     const f = rec.final;
+    const reasoning = f && f.reasoning;
+    rec.reasoningEl.hidden = !reasoning;
+    clear(rec.reasoningEl);
+    if (reasoning) {
+      rec.reasoningEl.append(
+        h('summary', { text: 'How the model reasoned first (not rated, not shown to the patient)' }),
+        h('div', { class: 'reasoning-text', text: reasoning }),
+      );
+    }
+
+    // Timing, and what else the answer says about itself.
     rec.metaEl.hidden = !f;
     if (f) {
       const bits = [];
+      if (f.refusal) bits.push('given as a refusal');
+      if (typeof f.queue_ms === 'number') bits.push(`waited ${formatDuration(f.queue_ms)} for the model’s server`);
       if (typeof f.ttft_ms === 'number') bits.push(`first words after ${formatDuration(f.ttft_ms)}`);
       if (typeof f.duration_ms === 'number') bits.push(`${formatDuration(f.duration_ms)} in all`);
       if (typeof f.tokens === 'number') bits.push(plural(f.tokens, 'token', 'tokens'));
+      if (typeof f.dropped_turns === 'number') {
+        bits.push(`the first ${plural(f.dropped_turns, 'patient line was', 'patient lines were')} left out to fit the model’s context`);
+      }
       rec.metaEl.textContent = bits.join(' · ');
       rec.metaEl.hidden = bits.length === 0;
     }
