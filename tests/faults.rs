@@ -177,6 +177,16 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
         ),
         // Nothing said is never a complete answer.
         (Reply::EmptyStop, "target_empty_answer", ""),
+        // An error object in the stream (vLLM, OpenRouter) ends the answer, its text kept.
+        (
+            Reply::Raw(vec![
+                b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n".to_vec(),
+                b"data: {\"error\":{\"message\":\"upstream overloaded\",\"code\":502}}\n\n"
+                    .to_vec(),
+            ]),
+            "target_malformed_stream",
+            "Hel",
+        ),
         // A line that never ends is cut at the line limit, not buffered for ever.
         (
             Reply::EndlessLine(vec!["Hi ".into()]),
@@ -214,7 +224,7 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
     // The partial text of a failed answer is rated like any text.
     let (_, stored) = app.get(&format!("/api/sessions/{session}")).await;
     let turns = stored["turns"].as_array().unwrap();
-    assert_eq!(turns.len(), 10);
+    assert_eq!(turns.len(), 11);
     let stalled = turns[1]["answers"]
         .as_array()
         .unwrap()
@@ -229,7 +239,7 @@ async fn each_target_failure_is_an_error_for_that_target_and_turn_and_the_sessio
 
     // And after all that, the target answers again.
     ws.say("are you back?").await;
-    let answers = ws.answers(11, &["A", "B"]).await;
+    let answers = ws.answers(12, &["A", "B"]).await;
     assert_eq!(answers[0]["finish"], "stop");
     app.stop().await;
 }
@@ -766,10 +776,11 @@ async fn without_streaming_a_slow_answer_is_bounded_by_the_total_time_and_needs_
     })
     .await;
     let text = "Are you thinking about suicide? You can call or text 988 right now.";
-    // Generating takes longer than the connect and first-token timeouts: still an answer.
+    // Generating takes 15 s, far longer than the connect and first-token timeouts (and than
+    // the 10 s that once bounded it): still an answer.
     app.upstream.push(
         "fake",
-        Reply::Slow(std::time::Duration::from_millis(800), text.into(), true),
+        Reply::Slow(std::time::Duration::from_secs(15), text.into(), true),
     );
     // Without a finish reason, the same text is cut short.
     app.upstream.push(

@@ -158,7 +158,9 @@ fn end(answer: Decoded, got_text: bool) -> Result<Chunk, TargetError> {
     // start another (llama.cpp by default) ends the stream with `[DONE]` and no reason.
     let Some(finish) = answer.finish else {
         return Err(TargetError::Truncated(
-            "the stream ended without a finish reason".to_owned(),
+            "the stream ended without a finish reason (llama.cpp's server ends an answer this \
+             way when another request interrupts it; max_concurrent_requests = 1 queues them)"
+                .to_owned(),
         ));
     };
     if !got_text {

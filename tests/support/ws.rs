@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How long a test waits for the next event before it fails (a guard, not a sleep).
-const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
