@@ -14,6 +14,8 @@ async fn start_binary(config: &std::path::Path) -> (Child, SocketAddr) {
 
 #[tokio::test]
 async fn after_sigkill_mid_answer_the_transcript_is_intact_and_the_session_resumes() {
+    // This test's own HTTP client needs it, whichever test of the binary runs first.
+    vigil::tls::install_provider();
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = binary_config(dir.path(), &upstream.url, "");

@@ -332,7 +332,30 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_message_reads_as_the_same_answer() {
+        let body = br#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"thinking","thinking":"Ask.","signature":"x"},{"type":"text","text":"Are you safe?"}],"stop_reason":"max_tokens","usage":{"input_tokens":9,"output_tokens":4}}"#;
+        let mut answer = Decoded::default();
+        Messages.whole(body, &mut answer).unwrap();
+        assert_eq!(
+            answer.chunks,
+            vec![
+                Chunk::Reasoning("Ask.".into()),
+                Chunk::Text("Are you safe?".into())
+            ]
+        );
+        assert_eq!(answer.finish.as_deref(), Some("length"));
+        assert_eq!(
+            answer.usage,
+            Usage {
+                prompt: Some(9),
+                completion: Some(4)
+            }
+        );
+    }
+
+    #[test]
     fn the_request_carries_the_system_prompt_apart_and_always_max_tokens() {
+        crate::tls::install_provider();
         let endpoint = Arc::new(Endpoint {
             client: reqwest::Client::new(),
             url: reqwest::Url::parse("http://127.0.0.1:9/v1/messages").unwrap(),
