@@ -460,10 +460,19 @@ async fn relay(
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| tcp.set_nodelay(true).unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let floor_cpu = cpu_seconds("/proc/self/stat");
     let direct = baseline(&url, sessions, seconds.min(10)).await;
+    let floor_cpu = cpu_seconds("/proc/self/stat") - floor_cpu;
     report(
         "baseline (no Vigil: clients read the upstream directly)",
         &direct,
+    );
+    // Each chunk written once by the upstream and read once by a client, with the HTTP and
+    // event-stream code Vigil reads its upstream with: a relay does at least this much work
+    // per delta (a read and a write), so this is the floor on this machine.
+    println!(
+        "baseline: CPU {floor_cpu:.1} s, {:.1} µs per chunk written and read back once (the floor for any relay here)",
+        floor_cpu * 1e6 / direct.len().max(1) as f64
     );
     let server = Server::start(binary, Some(&url)).await;
     println!(

@@ -120,7 +120,8 @@ pub struct SessionConfig {
     /// A session with no viewer and nothing streaming leaves memory after this many seconds
     /// (it stays in the database and is resumed from there).
     pub idle_secs: u64,
-    /// An ended session with no viewer leaves memory after this many seconds.
+    /// An ended session with no viewer leaves memory after this many seconds (0: as soon as
+    /// its last viewer leaves; it stays in the database and comes back when opened).
     pub ended_idle_secs: u64,
     /// Rater name recorded for ratings sent over the WebSocket until accounts exist.
     pub human_rater: String,
@@ -302,7 +303,7 @@ impl Default for SessionConfig {
             max_text_chars: 4_000,
             max_targets: 4,
             idle_secs: 900,
-            ended_idle_secs: 5,
+            ended_idle_secs: 0,
             human_rater: "human:local".to_owned(),
         }
     }

@@ -506,6 +506,44 @@ async fn one_person_cannot_fill_the_server_and_unused_sessions_leave_memory() {
 }
 
 #[tokio::test]
+async fn an_ended_session_leaves_memory_when_its_viewer_leaves_and_comes_back_whole() {
+    let app = spawn_app().await;
+    let mut ws = app.ws().await;
+    let session = ws.start("scripted", &["demo"], "free").await["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.say("nothing feels worth it anymore").await;
+    ws.answers(1, &["A"]).await;
+    ws.end().await;
+    // Still viewed: still in memory.
+    let (_, health) = app.get("/healthz").await;
+    assert_eq!(health["live_sessions"], 1, "{health}");
+    ws.close().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let (_, health) = app.get("/healthz").await;
+        if health["live_sessions"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended session stayed in memory: {health}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // polling a condition
+    }
+    // A reviewer opening it later finds it whole.
+    let mut reviewer = app.ws().await;
+    reviewer
+        .send(json!({"type": "resume", "session": session, "after_seq": 0}))
+        .await;
+    let answer = reviewer.next_of("answer").await;
+    assert_eq!(answer["turn"], 1, "{answer}");
+    reviewer.next_of("ended").await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn an_answer_past_its_targets_limit_is_cut_there_kept_and_said_so() {
     let app = spawn_app_with(Db::Sqlite, |c| {
         for t in &mut c.targets {

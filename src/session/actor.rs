@@ -50,6 +50,8 @@ pub(crate) enum Message {
         request: super::Request,
         reply: Reply,
     },
+    /// A viewer stopped following the session: it may leave memory now.
+    ViewerLeft,
 }
 
 /// What the actor needs from its surroundings.
@@ -153,10 +155,17 @@ impl Actor {
         mut mailbox: mpsc::Receiver<Message>,
         mut finished: mpsc::Receiver<FinishedAnswer>,
     ) {
+        // An ended session leaves when its last viewer does (`ViewerLeft`); the tick catches
+        // the rest (a grace of 0 checks every second, not continually).
+        let ended = if self.ctx.ended_idle.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            self.ctx.ended_idle
+        };
         let tick = self
             .ctx
             .idle
-            .min(self.ctx.ended_idle)
+            .min(ended)
             .clamp(Duration::from_millis(50), Duration::from_secs(30));
         let mut idle_check = tokio::time::interval(tick);
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,6 +188,12 @@ impl Actor {
                     self.answers_cancel.cancel();
                 }
                 message = mailbox.recv(), if !self.shutting_down => match message {
+                    // The last viewer of an ended session gone: no need to wait for the tick.
+                    Some(Message::ViewerLeft) => {
+                        if commit.is_none() && self.evictable() {
+                            break;
+                        }
+                    }
                     Some(message) => self.on_message(message),
                     None => {
                         // Every handle is gone (the registry dropped it): finish and leave.
@@ -247,6 +262,7 @@ impl Actor {
                     let _ = reply.send(Err(err));
                 }
             },
+            Message::ViewerLeft => {}
         }
     }
 

@@ -121,6 +121,25 @@ pub struct Attachment {
     pub last_seq: u64,
 }
 
+/// Held by whoever follows a session's events, declared after its receiver so that it is
+/// dropped after it: the session then hears that a viewer left, and an ended session nobody
+/// views leaves memory at once rather than at its next idle check.
+#[derive(Debug)]
+pub struct Viewing(SessionHandle);
+
+impl Viewing {
+    pub fn new(handle: SessionHandle) -> Self {
+        Self(handle)
+    }
+}
+
+impl Drop for Viewing {
+    fn drop(&mut self) {
+        // A full mailbox means the session is busy, and its idle check comes anyway.
+        let _ = self.0.tx.try_send(actor::Message::ViewerLeft);
+    }
+}
+
 /// A cheap, cloneable handle to a live session.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {

@@ -41,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use crate::session::view::MAX_FRAME_BYTES;
 use crate::session::{
     Applied, ErrorCode, Principal, Published, Request, ServerEvent, SessionError, SessionHandle,
-    Sessions,
+    Sessions, Viewing,
 };
 use protocol::{ClientMessage, FrameError, decode};
 
@@ -416,6 +416,8 @@ struct Following {
     live: broadcast::Receiver<Arc<Published>>,
     /// The highest `seq` sent to this client.
     last_seq: u64,
+    /// Last: dropped after `live`, it tells the session this viewer left.
+    _viewing: Viewing,
 }
 
 /// The writer's side of a connection: owns the sink.
@@ -524,6 +526,7 @@ impl Writer {
             handle: handle.clone(),
             live: attachment.live,
             last_seq: after_seq,
+            _viewing: Viewing::new(handle.clone()),
         });
         let replayed = stored.len() + attachment.replay.len();
         for (seq, json) in stored {
