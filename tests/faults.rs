@@ -489,18 +489,8 @@ async fn one_person_cannot_fill_the_server_and_unused_sessions_leave_memory() {
     for ws in ana {
         ws.close().await;
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let (_, health) = app.get("/healthz").await;
-        if health["live_sessions"] == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "unused sessions stayed: {health}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // polling a condition
-    }
+    app.wait_for_live_sessions(1, std::time::Duration::from_secs(15))
+        .await;
     third.start("scripted", &["demo"], "free").await;
     app.stop().await;
 }
@@ -520,18 +510,8 @@ async fn an_ended_session_leaves_memory_when_its_viewer_leaves_and_comes_back_wh
     let (_, health) = app.get("/healthz").await;
     assert_eq!(health["live_sessions"], 1, "{health}");
     ws.close().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let (_, health) = app.get("/healthz").await;
-        if health["live_sessions"] == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ended session stayed in memory: {health}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // polling a condition
-    }
+    app.wait_for_live_sessions(0, std::time::Duration::from_secs(2))
+        .await;
     // A reviewer opening it later finds it whole.
     let mut reviewer = app.ws().await;
     reviewer

@@ -129,6 +129,22 @@ impl TestApp {
     }
 
     /// Shuts the server down gracefully and waits for it.
+    /// Waits until the server holds `live` sessions in memory, failing after `within`.
+    pub async fn wait_for_live_sessions(&self, live: u64, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (_, health) = self.get("/healthz").await;
+            if health["live_sessions"] == live {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sessions in memory after {within:?}: {health}, expected {live}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await; // polling a condition
+        }
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.server.await.unwrap();

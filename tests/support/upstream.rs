@@ -185,6 +185,21 @@ fn words(text: &str) -> Vec<String> {
 const ROLE_CHUNK: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
 const FINISH: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
 
+/// The request's messages as (role, content).
+fn messages_of(request: &Value) -> Vec<(String, String)> {
+    request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Roles alternate, starting and ending with the user (after an optional system prompt), as
 /// the chat templates of Mistral, Gemma or Llama 2 require.
 fn alternates(messages: &[(String, String)]) -> bool {
@@ -253,17 +268,7 @@ async fn messages(
     body: Bytes,
 ) -> Response {
     let request: Value = serde_json::from_slice(&body).unwrap();
-    let messages: Vec<(String, String)> = request["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["role"].as_str().unwrap().to_owned(),
-                m["content"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let messages = messages_of(&request);
     if messages.iter().any(|(role, _)| role == "system") || !alternates(&messages) {
         let body = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "messages: roles must alternate between \"user\" and \"assistant\""}});
         return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
@@ -334,17 +339,7 @@ async fn completions(
     body: Bytes,
 ) -> Response {
     let request: Value = serde_json::from_slice(&body).unwrap();
-    let messages: Vec<(String, String)> = request["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["role"].as_str().unwrap().to_owned(),
-                m["content"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let messages = messages_of(&request);
     if !alternates(&messages) {
         let body = json!({"error": {"message": "Conversation roles must alternate user/assistant/user/assistant/..."}});
         return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
