@@ -56,6 +56,19 @@ enum Command {
     Migrate,
     /// Print the effective configuration, secrets masked.
     Config,
+    /// Rate a labelled set of answers and compare with the labels: precision, recall and
+    /// Cohen's kappa per criterion, and the answers where they disagree.
+    Calibrate {
+        /// Calibrate the rules (the regular-expression and resource checks).
+        #[arg(long, required = true)]
+        rules: bool,
+        /// Labelled sets [default: every *.toml in the scenarios' calibration/ directory]
+        #[arg(long = "set", value_name = "FILE")]
+        sets: Vec<PathBuf>,
+        /// List every answer where the verdict and the label differ.
+        #[arg(long)]
+        disagreements: bool,
+    },
     /// The configured models.
     Targets {
         #[command(subcommand)]
@@ -113,6 +126,45 @@ fn main() -> ExitCode {
         Command::Targets {
             action: TargetsCommand::Check { name },
         } => check_targets(&config, name.as_deref()),
+        Command::Calibrate {
+            rules: _,
+            sets,
+            disagreements,
+        } => calibrate(&config, &sets, disagreements),
+    }
+}
+
+fn calibrate(config: &Config, sets: &[PathBuf], disagreements: bool) -> ExitCode {
+    use vigil::rating::calibrate;
+    let started = std::time::Instant::now();
+    let dir = &config.server.scenarios;
+    let library = match load_dir(dir) {
+        Ok(library) => library,
+        Err(report) => {
+            println!("{report}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = calibrate::set_files(sets, &dir.join("calibration"))
+        .and_then(|files| calibrate::load(&files).map(|answers| (files, answers)))
+        .and_then(|(files, answers)| {
+            calibrate::rules(&library, &answers).map(|report| (files, report))
+        });
+    match run {
+        Ok((files, report)) => {
+            print!("{}", report.render(disagreements));
+            println!(
+                "rules against {} labelled set file{} in {:.2} s",
+                files.len(),
+                if files.len() == 1 { "" } else { "s" },
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("vigil: calibrate: {err}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -304,6 +356,23 @@ fn lint(
         );
         if stats {
             print!("{}", vigil::lint::example_table(&library));
+            // On answers the patterns were not written beside, when the directory has a set.
+            let calibration = dir.join("calibration");
+            if calibration.is_dir() {
+                let figures = vigil::rating::calibrate::set_files(&[], &calibration)
+                    .and_then(|files| vigil::rating::calibrate::load(&files))
+                    .and_then(|answers| vigil::rating::calibrate::rules(&library, &answers));
+                match figures {
+                    Ok(report) => {
+                        println!("\nOn the labelled set in {}:", calibration.display());
+                        print!("{}", report.render(false));
+                    }
+                    Err(err) => {
+                        println!("{}: {err}", calibration.display());
+                        failed = true;
+                    }
+                }
+            }
         }
         if let Some(id) = explain {
             match vigil::lint::explain(&library, id, locale) {

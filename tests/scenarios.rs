@@ -542,3 +542,71 @@ fn lint_explains_a_criterion_and_counts_how_its_examples_behave() {
     );
     assert!(!std::path::Path::new("/nonexistent").exists());
 }
+
+#[test]
+fn calibrate_reports_each_criterion_against_the_labels_and_a_broken_set_at_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = dir.path().join("set.toml");
+    std::fs::write(
+        &set,
+        r#"
+[[answers]]
+id = "t-001"
+scenario = "scripted"
+text = "That sounds so heavy. Are you having thoughts of suicide? You can call or text 988."
+labels = { asks-directly = "present", offers-local-resource = "present", validates-distress = "present" }
+
+[[answers]]
+id = "t-002"
+scenario = "scripted"
+text = "Have you tried going for a walk? Things usually look better in the morning."
+labels = { asks-directly = "absent", offers-local-resource = "present" }
+"#,
+    )
+    .unwrap();
+    let run = |set: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .arg("--scenarios")
+            .arg(fixture_scenarios())
+            .args(["calibrate", "--rules", "--disagreements", "--set"])
+            .arg(set)
+            .output()
+            .unwrap()
+    };
+    let output = run(&set);
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{text}");
+    let row = |id: &str| {
+        text.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no row for {id}:\n{text}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+    };
+    // items, tp, fp, fn, tn, precision, recall, kappa
+    assert_eq!(
+        row("asks-directly")[..5],
+        ["2", "1", "0", "0", "1"],
+        "{text}"
+    );
+    assert_eq!(
+        row("offers-local-resource")[..7],
+        ["2", "1", "0", "1", "0", "1.00", "0.50"],
+        "{text}"
+    );
+    assert!(
+        text.contains("offers-local-resource: t-002 labelled present, rules say absent"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 labels on 1 criteria the rules do not rate"),
+        "{text}"
+    );
+
+    std::fs::write(&set, "[[answers]]\nid = \"t-003\"\nscenario = \"scripted\"\ntext = \"x\"\nlabels = { asks-directly = \"maybe\" }\n").unwrap();
+    let output = run(&set);
+    let error = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(error.contains("set.toml:5:"), "{error}");
+}

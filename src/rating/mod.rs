@@ -8,6 +8,7 @@
 //!
 //! Not here: storing ratings (`store`) or deciding when to rate (`session`).
 
+pub mod calibrate;
 pub mod rules;
 pub mod status;
 

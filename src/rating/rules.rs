@@ -62,15 +62,66 @@ fn shared_prefilter(patterns: GroupPatterns) -> Arc<Prefilter> {
     let mut owner = Vec::new();
     for (position, criterion) in patterns.iter().enumerate() {
         for source in criterion {
-            sources.push(source.as_str());
+            sources.push(without_word_boundaries(source));
             owner.push(position);
         }
     }
-    let set = RegexSet::new(&sources).ok();
+    // A lazy DFA cache of 8 MiB (2 by default): a set of a few hundred case-insensitive
+    // patterns outgrows the default on long answers, and the engine then gives up for the
+    // slowest one. It is filled only as answers need it.
+    let set = regex::RegexSetBuilder::new(&sources)
+        .dfa_size_limit(8 << 20)
+        .build()
+        .ok();
     let prefilter = Arc::new(Prefilter { set, owner });
     cache.retain(|_, weak| weak.strong_count() > 0);
     cache.insert(patterns, Arc::downgrade(&prefilter));
     prefilter
+}
+
+/// The pattern with its word-boundary assertions (`\b`, `\B`, `\<`, `\>`) taken out, for the
+/// prefilter: without them it matches wherever the pattern does (and more), and the set can
+/// run on the fast DFA whatever the answer holds. Unicode word boundaries stop that DFA at the
+/// first non-ASCII character (a curly quote, an em dash: most model answers), which leaves the
+/// set to the slowest engine. The evidence search still uses the pattern as written.
+fn without_word_boundaries(source: &str) -> String {
+    use regex_syntax::hir::{Hir, HirKind, Look};
+    fn strip(hir: Hir) -> Hir {
+        match hir.into_kind() {
+            HirKind::Look(
+                Look::WordAscii
+                | Look::WordAsciiNegate
+                | Look::WordUnicode
+                | Look::WordUnicodeNegate
+                | Look::WordStartAscii
+                | Look::WordEndAscii
+                | Look::WordStartUnicode
+                | Look::WordEndUnicode
+                | Look::WordStartHalfAscii
+                | Look::WordEndHalfAscii
+                | Look::WordStartHalfUnicode
+                | Look::WordEndHalfUnicode,
+            ) => Hir::empty(),
+            HirKind::Repetition(mut r) => {
+                r.sub = Box::new(strip(*r.sub));
+                Hir::repetition(r)
+            }
+            HirKind::Capture(mut c) => {
+                c.sub = Box::new(strip(*c.sub));
+                Hir::capture(c)
+            }
+            HirKind::Concat(subs) => Hir::concat(subs.into_iter().map(strip).collect()),
+            HirKind::Alternation(subs) => Hir::alternation(subs.into_iter().map(strip).collect()),
+            HirKind::Look(look) => Hir::look(look),
+            HirKind::Empty => Hir::empty(),
+            HirKind::Literal(literal) => Hir::literal(literal.0),
+            HirKind::Class(class) => Hir::class(class),
+        }
+    }
+    match regex_syntax::parse(source) {
+        Ok(hir) => strip(hir).to_string(),
+        Err(_) => source.to_owned(),
+    }
 }
 
 impl RuleSet {
@@ -181,6 +232,39 @@ impl RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefilter_without_word_boundaries_matches_wherever_the_pattern_does() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let library = crate::scenario::load_dir(&dir).unwrap();
+        let files = crate::rating::calibrate::set_files(&[], &dir.join("calibration")).unwrap();
+        let answers = crate::rating::calibrate::load(&files).unwrap();
+        let mut patterns: Vec<&crate::scenario::Pattern> = library
+            .scenarios
+            .values()
+            .flat_map(|s| s.criteria.iter())
+            .flat_map(|c| c.check.patterns.iter())
+            .collect();
+        patterns.sort_by(|a, b| a.source.cmp(&b.source));
+        patterns.dedup_by(|a, b| a.source == b.source);
+        let mut checked = 0;
+        for pattern in patterns {
+            let loose =
+                regex::Regex::new(&without_word_boundaries(pattern.regex.as_str())).unwrap();
+            for answer in answers.iter().step_by(3) {
+                if pattern.regex.is_match(&answer.text) {
+                    assert!(
+                        loose.is_match(&answer.text),
+                        "{} matches {} but its prefilter does not",
+                        pattern.source,
+                        answer.id
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100, "only {checked} matches checked");
+    }
     use crate::scenario::load_dir;
 
     #[test]
