@@ -125,19 +125,24 @@ impl SessionTarget {
     /// A context overflow reported by the server: the limit it named from now on, or, when it
     /// named none, four fifths of what was just sent (less again at each overflow), so the
     /// next request (a `regenerate`, the next turn) leaves out the oldest turns.
-    fn learn_context(&mut self, limit: Option<u32>) {
-        let reserve = self.context.map(|c| c.reserve);
-        let limit = limit
-            .filter(|&l| self.context.is_none_or(|c| l < c.limit))
-            .unwrap_or_else(|| {
-                let sent = self.sent_tokens.saturating_add(reserve.unwrap_or(0));
+    fn learn_context(&mut self, named: Option<u32>) {
+        let current = self.context;
+        // A limit the server named is news only if it is below the one in use; otherwise what
+        // was sent (with the room kept for the answer) was too much: take four fifths of it.
+        let limit = match named {
+            Some(limit) if current.is_none_or(|c| limit < c.limit) => limit,
+            _ => {
+                let sent = self
+                    .sent_tokens
+                    .saturating_add(current.map_or(0, |c| c.reserve));
                 sent / 5 * 4
-            });
-        let fit = ContextFit::new(limit, None);
-        self.context = Some(ContextFit {
-            limit,
-            reserve: reserve.unwrap_or(fit.reserve).min(limit / 2),
-        });
+            }
+        };
+        // The room for the answer stays what the target declared, within half the new limit.
+        let reserve = current
+            .map_or(ContextFit::new(limit, None).reserve, |c| c.reserve)
+            .min(limit / 2);
+        self.context = Some(ContextFit { limit, reserve });
     }
 
     /// Fits every request to this context.
@@ -1564,6 +1569,85 @@ fn remember(ratings: &mut Vec<Rating>, rating: Rating) {
 mod tests {
     //! The state machine without a database: every command in every phase.
     use super::*;
+
+    #[test]
+    fn a_history_is_fitted_by_leaving_out_the_oldest_exchanges_whole() {
+        let line = "x".repeat(300); // 100 estimated tokens, plus 4
+        let mut messages = vec![ChatMessage::new(Role::System, "be kind")];
+        let mut lines = vec![0];
+        for (n, role) in [
+            (2, Role::User),
+            (0, Role::Assistant),
+            (1, Role::User),
+            (0, Role::Assistant),
+            (1, Role::User),
+        ] {
+            messages.push(ChatMessage::new(role, line.as_str()));
+            lines.push(n);
+        }
+        let whole = estimate_tokens(&messages);
+        assert_eq!(fit(&mut messages.clone(), &lines, None), 0);
+        // Room for the system prompt and two messages more: the first exchange (two patient
+        // lines sent as one message, and its answer) goes, the roles still alternate.
+        let context = ContextFit {
+            limit: whole - 150,
+            reserve: 0,
+        };
+        let mut fitted = messages.clone();
+        assert_eq!(fit(&mut fitted, &lines, Some(context)), 2);
+        let roles: Vec<Role> = fitted.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [Role::System, Role::User, Role::Assistant, Role::User]
+        );
+        // However small the context, the system prompt and the latest line are sent.
+        let mut tiny = messages.clone();
+        assert_eq!(
+            fit(
+                &mut tiny,
+                &lines,
+                Some(ContextFit {
+                    limit: 1,
+                    reserve: 0
+                })
+            ),
+            3
+        );
+        assert_eq!(tiny.len(), 2);
+    }
+
+    #[test]
+    fn an_overflow_is_learned_from_the_limit_named_or_what_was_sent() {
+        let mut target = SessionTarget::new("A".into(), "m".into(), "m".into(), false, None, None);
+        target.sent_tokens = 1000;
+        target.learn_context(None);
+        assert_eq!(
+            target.context,
+            Some(ContextFit {
+                limit: 800,
+                reserve: 200
+            })
+        );
+        // A limit named below: taken, the room for the answer kept.
+        target.learn_context(Some(500));
+        assert_eq!(
+            target.context,
+            Some(ContextFit {
+                limit: 500,
+                reserve: 200
+            })
+        );
+        // The same limit again means the estimate fell short: four fifths of what was sent.
+        target.sent_tokens = 300;
+        target.learn_context(Some(500));
+        assert_eq!(
+            target.context,
+            Some(ContextFit {
+                limit: 400,
+                reserve: 200
+            })
+        );
+    }
     use crate::scenario::load_dir;
     use crate::session::{CommandKind, ErrorCode};
     use strum::IntoEnumIterator;
