@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,118 @@ pub(super) fn router() -> Router<AppState> {
         .route("/targets", get(list_targets))
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}", get(get_session))
+        .route("/sessions/{id}/ratings", post(post_rating))
+        .route("/sessions/{id}/preferences", post(post_preference))
+}
+
+#[derive(Deserialize)]
+struct RaterParams {
+    /// Who rates (as `?name=` on the WebSocket); the configured default rater without it.
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreferenceInput {
+    turn: u32,
+    target: String,
+}
+
+/// The rater of an HTTP request. A write from another site's page is refused: browsers send
+/// `Origin` with it, and only this server's own pages (and the configured ones) may write.
+fn rater(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    params: RaterParams,
+) -> Result<crate::session::Principal, AppError> {
+    if let Some(origin) = headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        && !state.origins.iter().any(|allowed| allowed == origin)
+    {
+        return Err(AppError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "ratings are accepted only from this server's own pages (an `Origin` it allows)",
+        ));
+    }
+    match params.name.as_deref() {
+        Some(name) => crate::session::Principal::human(name)
+            .map_err(|message| AppError::new(StatusCode::BAD_REQUEST, "invalid_name", message)),
+        None => Ok(crate::session::Principal::parse(
+            &state.sessions.config().human_rater,
+        )),
+    }
+}
+
+/// Applies a command to a stored session, bringing it back into memory if need be (once more
+/// if it left memory in between).
+async fn apply(
+    state: &AppState,
+    id: &str,
+    principal: crate::session::Principal,
+    command: crate::session::Command,
+) -> Result<(), AppError> {
+    let request = crate::session::Request::new(principal, command);
+    let handle = state.sessions.open(id).await?;
+    match handle.apply(request.clone()).await {
+        Err(crate::session::SessionError::SessionGone) => {
+            state.sessions.open(id).await?.apply(request).await?;
+        }
+        other => {
+            other?;
+        }
+    }
+    Ok(())
+}
+
+/// `POST /api/sessions/{id}/ratings?name=NAME`: a rating of one answer, as the WebSocket's
+/// `rate` (the same validation and the same errors). 201 once it is saved.
+async fn post_rating(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<RaterParams>, QueryRejection>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<crate::session::RateInput>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), AppError> {
+    let principal = rater(&state, &headers, query(params)?)?;
+    let Json(input) = body
+        .map_err(|err| AppError::new(StatusCode::BAD_REQUEST, "invalid_rating", err.body_text()))?;
+    let rater = principal.to_string();
+    apply(&state, &id, principal, crate::session::Command::Rate(input)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"status": "saved", "rater": rater})),
+    ))
+}
+
+/// `POST /api/sessions/{id}/preferences?name=NAME`: `{"turn": 2, "target": "B"}`, the answer
+/// this rater prefers at that turn.
+async fn post_preference(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<RaterParams>, QueryRejection>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<PreferenceInput>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), AppError> {
+    let principal = rater(&state, &headers, query(params)?)?;
+    let Json(input) = body.map_err(|err| {
+        AppError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_preference",
+            err.body_text(),
+        )
+    })?;
+    let rater = principal.to_string();
+    let command = crate::session::Command::Prefer {
+        turn: input.turn,
+        target: input.target,
+    };
+    apply(&state, &id, principal, command).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"status": "saved", "rater": rater})),
+    ))
 }
 
 fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, AppError> {

@@ -128,7 +128,6 @@ impl TestApp {
         (status, body)
     }
 
-    /// Shuts the server down gracefully and waits for it.
     /// Waits until the server holds `live` sessions in memory, failing after `within`.
     pub async fn wait_for_live_sessions(&self, live: u64, within: std::time::Duration) {
         let deadline = std::time::Instant::now() + within;
@@ -145,6 +144,24 @@ impl TestApp {
         }
     }
 
+    /// Posts JSON (with these headers) and returns the status and the JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
+        let mut request = reqwest::Client::new().post(self.url(path)).json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+
+    /// Shuts the server down gracefully and waits for it.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.server.await.unwrap();
