@@ -40,6 +40,23 @@ pub struct Config {
     pub session: SessionConfig,
     /// Model endpoints. The built-in `demo` targets are always added (see [`Config::targets`]).
     pub targets: Vec<TargetConfig>,
+    /// The LLM judge, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeConfig>,
+}
+
+/// `[judge]`: which configured target rates every answer on the criteria with a judge
+/// question, and how many answers it rates at once.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeConfig {
+    pub target: String,
+    #[serde(default = "default_judge_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_judge_concurrency() -> usize {
+    4
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -45,6 +45,48 @@ fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4_096)
 }
 
+/// The judge of `[judge]`: its target, and its prompt from `prompts/judge.toml` in the
+/// scenario directory. A judge that is the same model as a target (or from the same server)
+/// is allowed, and warned about: a model grading itself overrates itself.
+fn build_judge(
+    config: &Config,
+    targets: &Targets,
+) -> anyhow::Result<Option<Arc<crate::rating::judge::Judge>>> {
+    let Some(judge) = &config.judge else {
+        return Ok(None);
+    };
+    let target = targets.get(&judge.target).ok_or_else(|| {
+        let known: Vec<&str> = targets.names().collect();
+        anyhow::anyhow!(
+            "[judge] target `{}` is not a configured target (configured: {})",
+            judge.target,
+            known.join(", ")
+        )
+    })?;
+    let path = config.server.scenarios.join("prompts").join("judge.toml");
+    let prompt = crate::rating::judge::Prompt::load(&path).map_err(anyhow::Error::msg)?;
+    for other in targets.iter().filter(|t| t.info.name != target.info.name) {
+        let same_model = other.info.model.is_some() && other.info.model == target.info.model;
+        let same_server =
+            other.config.base_url.is_some() && other.config.base_url == target.config.base_url;
+        if same_model || same_server {
+            tracing::warn!(
+                judge = %target.info.name,
+                target = %other.info.name,
+                "the judge is {} as a target it rates: a model grading itself overrates itself",
+                if same_model { "the same model" } else { "on the same server" }
+            );
+        }
+    }
+    tracing::info!(judge = %target.info.name, prompt_version = prompt.version, "answers are rated by a judge");
+    Ok(Some(Arc::new(crate::rating::judge::Judge::new(
+        &target.info.name,
+        Arc::clone(&target.model),
+        prompt,
+        judge.concurrency,
+    ))))
+}
+
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let library = load_dir(&config.server.scenarios).map_err(|report| {
@@ -62,6 +104,7 @@ impl Application {
                 tracing::warn!(target = %target.info.name, "target cannot answer: {reason}");
             }
         }
+        let judge = build_judge(&config, &targets)?;
         let store = Store::connect(&config.server.database_url)
             .await
             .with_context(|| {
@@ -99,6 +142,7 @@ impl Application {
                 idle: Duration::from_secs(config.session.idle_secs),
                 ended_idle: Duration::from_secs(config.session.ended_idle_secs),
                 human_rater: config.session.human_rater.clone(),
+                judge,
             },
             shutdown.child_token(),
         );

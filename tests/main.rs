@@ -8,6 +8,7 @@ mod api;
 mod browser;
 mod engine;
 mod faults;
+mod judge;
 mod protocol;
 mod restart;
 mod scenarios;

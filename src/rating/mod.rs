@@ -9,6 +9,7 @@
 //! Not here: storing ratings (`store`) or deciding when to rate (`session`).
 
 pub mod calibrate;
+pub mod judge;
 pub mod rules;
 pub mod status;
 

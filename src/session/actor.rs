@@ -64,6 +64,7 @@ pub(super) struct Context {
     pub shutdown: CancellationToken,
     /// Called once when the task ends (removes the session from the registry).
     pub on_exit: Box<dyn FnOnce() + Send>,
+    pub judge: Option<Arc<crate::rating::judge::Judge>>,
 }
 
 /// A batch waiting to be committed, with what follows its commit.
@@ -71,6 +72,8 @@ struct Pending {
     batch: Batch,
     replies: Vec<(Reply, Applied)>,
     start: Vec<AnswerJob>,
+    /// Answers for the judge once they are saved.
+    judge: Vec<crate::rating::judge::Job>,
 }
 
 type Commit = BoxFuture<'static, Result<(), StoreError>>;
@@ -98,6 +101,9 @@ pub(super) struct Actor {
     attach_waiters: Vec<(u64, oneshot::Sender<Attachment>)>,
     answers_cancel: CancellationToken,
     finished_tx: mpsc::Sender<FinishedAnswer>,
+    judged_tx: mpsc::Sender<crate::rating::judge::Outcome>,
+    /// Answers with the judge now: the session stays in memory until they are back.
+    judging: usize,
     retry_at: Option<Instant>,
     ctx: Context,
     shutting_down: bool,
@@ -114,9 +120,14 @@ impl Actor {
         log: Vec<Arc<Published>>,
         first: Option<Batch>,
         ctx: Context,
-    ) -> (Self, mpsc::Receiver<FinishedAnswer>) {
+    ) -> (
+        Self,
+        mpsc::Receiver<FinishedAnswer>,
+        mpsc::Receiver<crate::rating::judge::Outcome>,
+    ) {
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (finished_tx, finished_rx) = mpsc::channel(64);
+        let (judged_tx, judged_rx) = mpsc::channel(64);
         let live = Arc::new(LiveAnswers::new(models.len()));
         let mut actor = Self {
             state,
@@ -131,6 +142,8 @@ impl Actor {
             attach_waiters: Vec::new(),
             answers_cancel: CancellationToken::new(),
             finished_tx,
+            judged_tx,
+            judging: 0,
             retry_at: None,
             ctx,
             shutting_down: false,
@@ -144,9 +157,10 @@ impl Actor {
                 batch,
                 replies: Vec::new(),
                 start: Vec::new(),
+                judge: Vec::new(),
             });
         }
-        (actor, finished_rx)
+        (actor, finished_rx, judged_rx)
     }
 
     /// The task's loop: commands, finished answers, commits, retries, idle eviction, shutdown.
@@ -154,6 +168,7 @@ impl Actor {
         mut self,
         mut mailbox: mpsc::Receiver<Message>,
         mut finished: mpsc::Receiver<FinishedAnswer>,
+        mut judged: mpsc::Receiver<crate::rating::judge::Outcome>,
     ) {
         // An ended session leaves when its last viewer does (`ViewerLeft`); the tick catches
         // the rest (a grace of 0 checks every second, not continually).
@@ -179,6 +194,12 @@ impl Actor {
             tokio::select! {
                 biased;
                 Some(answer) = finished.recv() => self.on_finished(answer),
+                Some(outcome) = judged.recv() => {
+                    self.judging = self.judging.saturating_sub(1);
+                    if let Some(transition) = self.state.judged(outcome, now_ms()) {
+                        self.run_transition(transition, None);
+                    }
+                }
                 result = async { commit.as_mut().expect("guarded").await }, if commit.is_some() => {
                     commit = None;
                     self.on_committed(result);
@@ -241,6 +262,7 @@ impl Actor {
             self.ctx.idle
         };
         !self.state.answering()
+            && self.judging == 0
             && self.outbox.is_empty()
             && self.end_waiters.is_empty()
             && self.events.receiver_count() == 0
@@ -329,7 +351,11 @@ impl Actor {
         if t.ends {
             replies.extend(self.end_waiters.drain(..).map(|reply| (reply, applied)));
         }
-        if t.batch.ops.is_empty() && t.batch.events.is_empty() && t.start.is_empty() {
+        if t.batch.ops.is_empty()
+            && t.batch.events.is_empty()
+            && t.start.is_empty()
+            && t.judge.is_empty()
+        {
             // Nothing to save and no event to wait for.
             for (reply, _) in replies {
                 let _ = reply.send(Ok(Applied::Now { through_seq: 0 }));
@@ -340,6 +366,7 @@ impl Actor {
             batch: t.batch,
             replies,
             start: t.start,
+            judge: t.judge,
         });
     }
 
@@ -377,6 +404,7 @@ impl Actor {
                         let _ = reply.send(Ok(applied));
                     }
                     self.start_answers(pending.start);
+                    self.start_judging(pending.judge);
                 }
             }
             Err(err) => {
@@ -405,6 +433,25 @@ impl Actor {
 
     fn storage_was_down(&self) -> bool {
         self.state.storage() == Storage::Down
+    }
+
+    /// Sends saved answers to the judge, each in a task of its own: the session goes on (the
+    /// next line is not held up), and the verdicts come back as a rating.
+    fn start_judging(&mut self, jobs: Vec<crate::rating::judge::Job>) {
+        let Some(judge) = &self.ctx.judge else {
+            return;
+        };
+        for job in jobs {
+            let judge = Arc::clone(judge);
+            let back = self.judged_tx.clone();
+            self.judging += 1;
+            tokio::spawn(async move {
+                let verdicts = judge.rate(&job).await;
+                let _ = back
+                    .send(crate::rating::judge::Outcome { job, verdicts })
+                    .await;
+            });
+        }
     }
 
     /// Starts one pump per job, once the batch that asked for it is on disk.

@@ -44,6 +44,8 @@ pub struct SessionsConfig {
     pub ended_idle: Duration,
     /// The principal of WebSocket clients that give no name.
     pub human_rater: String,
+    /// Rates every answer after the rules, when configured.
+    pub judge: Option<Arc<crate::rating::judge::Judge>>,
 }
 
 /// Live sessions by id: the task's instance, its handle, and who started it in this process.
@@ -400,9 +402,12 @@ impl Sessions {
             ended_idle: config.ended_idle,
             shutdown: self.inner.shutdown.child_token(),
             on_exit,
+            judge: config.judge.clone(),
         };
+        let mut state = state;
+        state.set_judge(config.judge.as_ref().map(|j| j.rater.clone()));
         let (mailbox_tx, mailbox) = mpsc::channel::<Message>(COMMAND_QUEUE);
-        let (actor, finished) = Actor::new(state, models, log, first, context);
+        let (actor, finished, judged) = Actor::new(state, models, log, first, context);
         let handle = SessionHandle {
             id: Arc::from(id.as_str()),
             tx: mailbox_tx,
@@ -415,7 +420,9 @@ impl Sessions {
                 owner,
             },
         );
-        self.inner.tracker.spawn(actor.run(mailbox, finished));
+        self.inner
+            .tracker
+            .spawn(actor.run(mailbox, finished, judged));
         handle
     }
 

@@ -220,6 +220,8 @@ pub struct Transition {
     pub reply: ReplyAt,
     /// This batch completes the session's end: replies waiting for it go with it.
     pub ends: bool,
+    /// Answers for the judge, once the batch is saved.
+    pub judge: Vec<crate::rating::judge::Job>,
 }
 
 impl Transition {
@@ -230,6 +232,7 @@ impl Transition {
             cancel: false,
             reply,
             ends: false,
+            judge: Vec::new(),
         }
     }
 }
@@ -309,6 +312,8 @@ pub struct SessionState {
     ended_at: Option<i64>,
     /// What the last `ended` event said, to send it again when a later rating changes it.
     ended_said: Vec<(String, String, Option<f64>, u32, u32)>,
+    /// The judge's rater name, when answers go to a judge.
+    judge: Option<String>,
 }
 
 impl SessionState {
@@ -335,6 +340,7 @@ impl SessionState {
             saved_outcomes: Vec::new(),
             ended_at: None,
             ended_said: Vec::new(),
+            judge: None,
         }
     }
 
@@ -1148,6 +1154,7 @@ impl SessionState {
             },
         };
         let mut batch = Batch::default();
+        let judge = self.judge_job(index, &answer);
         self.record_answer(&mut batch, index, answer, complete, now);
         let summaries = self.criteria_update(&mut batch);
         let all_in = !self.answering();
@@ -1159,6 +1166,7 @@ impl SessionState {
             events.append(&mut end.batch.events);
             end.batch.ops = ops;
             end.batch.events = events;
+            end.judge.extend(judge);
             return Some(end);
         }
         if all_in && self.phase == Phase::Streaming {
@@ -1171,6 +1179,102 @@ impl SessionState {
                 self.durable(&mut batch, offered);
             }
         }
+        batch.through_seq = self.last_seq();
+        let mut transition = Transition::new(batch, ReplyAt::AfterCommit);
+        transition.judge.extend(judge);
+        Some(transition)
+    }
+
+    /// Answers go to this judge from now on (`None`: no judge).
+    pub fn set_judge(&mut self, rater: Option<String>) {
+        self.judge = rater;
+    }
+
+    /// What the judge is asked about an answer: the criteria with a judge question that apply
+    /// at its turn, the conversation before it, the risk and locale; never the target's name.
+    /// `None` without a judge, for an answer with no text, or with nothing to ask.
+    fn judge_job(&self, index: usize, answer: &AnswerRow) -> Option<crate::rating::judge::Job> {
+        use crate::rating::judge::{Context, Job, Line, Question};
+        self.judge.as_ref()?;
+        if answer.text.trim().is_empty() {
+            return None;
+        }
+        let markers = self.marker_turns();
+        let scenario = &self.scenario;
+        let criteria: Vec<Question> = scenario
+            .criteria
+            .iter()
+            .filter(|c| applies_at(scenario, c, &markers, answer.turn))
+            .filter_map(|c| {
+                Some(Question {
+                    id: c.id.to_string(),
+                    text: c.text.clone(),
+                    source: c.source.clone().unwrap_or_default(),
+                    question: c.check.judge.clone()?,
+                })
+            })
+            .collect();
+        if criteria.is_empty() {
+            return None;
+        }
+        let target = &self.targets[index];
+        let mut conversation = Vec::new();
+        for (i, line) in self.turns.iter().enumerate().take(answer.turn as usize) {
+            let number = i as u32 + 1;
+            conversation.push(Line {
+                role: "patient",
+                text: line.text.to_string(),
+            });
+            if number < answer.turn
+                && let Some(earlier) = target.answers.get(&number)
+            {
+                conversation.push(Line {
+                    role: "assistant",
+                    text: earlier.text.to_string(),
+                });
+            }
+        }
+        Some(Job {
+            target: index,
+            turn: answer.turn,
+            attempt: answer.attempt,
+            context: Context {
+                risk: format!("{:?}", scenario.risk).to_lowercase(),
+                locale: scenario.locale.clone(),
+                conversation,
+                answer: answer.text.clone(),
+                criteria,
+            },
+        })
+    }
+
+    /// The judge's verdicts on an answer, recorded as its rating (they count over the rules',
+    /// under a person's).
+    pub fn judged(
+        &mut self,
+        outcome: crate::rating::judge::Outcome,
+        now: i64,
+    ) -> Option<Transition> {
+        let rater = self.judge.clone()?;
+        let job = outcome.job;
+        let alias = self.targets.get(job.target)?.alias.clone();
+        let rating = Rating {
+            id: uuid::Uuid::new_v4().to_string(),
+            turn: job.turn,
+            target: alias,
+            attempt: job.attempt,
+            rater,
+            verdicts: outcome.verdicts,
+            scores: BTreeMap::new(),
+            flags: Vec::new(),
+            note: None,
+            rewrite: None,
+            created_at: now,
+            superseded_by: None,
+        };
+        let mut batch = Batch::default();
+        self.add_rating(&mut batch, job.target, rating, false);
+        self.after_rating_change(&mut batch, now);
         batch.through_seq = self.last_seq();
         Some(Transition::new(batch, ReplyAt::AfterCommit))
     }
