@@ -126,6 +126,7 @@ async fn the_judge_rates_each_answer_with_checked_quotes_and_failures_are_unsure
     // Asked once more after a bad reply, never more; the judge never saw the target's name.
     let asked = app.upstream.requests("fake-c");
     assert_eq!(asked.len(), 6);
+    assert_eq!(asked[0].body["response_format"]["type"], "json_schema");
     let prompt = &asked[0].messages[1].1;
     assert!(
         prompt.contains("nothing feels worth it anymore") && prompt.contains(ANSWER),

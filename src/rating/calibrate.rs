@@ -172,9 +172,32 @@ pub struct Calibration {
 }
 
 /// Rates every labelled answer with its scenario's rules and tallies the verdicts against
-/// the labels. An answer naming a scenario or a criterion the library does not have is an
-/// error: a set that drifted from the scenarios would measure nothing.
+/// the labels, on every core. An answer naming a scenario or a criterion the library does not
+/// have is an error: a set that drifted from the scenarios would measure nothing.
 pub fn rules(library: &Library, answers: &[Labelled]) -> Result<Calibration, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = answers.len().div_ceil(threads).max(1);
+    let parts: Vec<Result<Calibration, String>> = std::thread::scope(|scope| {
+        let running: Vec<_> = answers
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || rules_on(library, part)))
+            .collect();
+        running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("a rating thread panicked".to_owned()))
+            })
+            .collect()
+    });
+    let mut all = Calibration::default();
+    for part in parts {
+        all.merge(part?);
+    }
+    Ok(all)
+}
+
+fn rules_on(library: &Library, answers: &[Labelled]) -> Result<Calibration, String> {
     let mut rule_sets: BTreeMap<&str, RuleSet> = BTreeMap::new();
     let mut report = Calibration {
         answers: answers.len(),
@@ -221,16 +244,36 @@ fn figure(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"))
 }
 
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.true_present += other.true_present;
+        self.false_present += other.false_present;
+        self.missed += other.missed;
+        self.true_absent += other.true_absent;
+        self.unsure += other.unsure;
+        self.disagreements.extend(other.disagreements);
+    }
+}
+
 impl Calibration {
+    fn merge(&mut self, other: Calibration) {
+        self.answers += other.answers;
+        for (id, tally) in other.criteria {
+            self.criteria.entry(id).or_default().merge(tally);
+        }
+        for (id, n) in other.unrated {
+            *self.unrated.entry(id).or_default() += n;
+        }
+    }
+
     /// Precision and recall over every rated label together.
     pub fn overall(&self) -> Tally {
         let mut all = Tally::default();
         for t in self.criteria.values() {
-            all.true_present += t.true_present;
-            all.false_present += t.false_present;
-            all.missed += t.missed;
-            all.true_absent += t.true_absent;
-            all.unsure += t.unsure;
+            all.merge(Tally {
+                disagreements: Vec::new(),
+                ..t.clone()
+            });
         }
         all
     }
@@ -341,7 +384,7 @@ mod tests {
             let present = t.true_present + t.missed;
             let absent = t.false_present + t.true_absent;
             assert!(
-                present >= 4 && absent >= 4,
+                present >= 8 && absent >= 8,
                 "{id}: {present} present, {absent} absent"
             );
         }

@@ -157,8 +157,10 @@ impl Judge {
             ChatMessage::new(Role::User, user),
         ];
         let mut why = String::new();
-        for _ in 0..2 {
-            match self.ask(messages.clone()).await {
+        // Asked with a JSON schema first; again (once) with the instruction alone, which also
+        // serves a server that refuses the schema (llama-cpp-python takes only `json_object`).
+        for structured in [true, false] {
+            match self.ask(messages.clone(), structured).await {
                 Ok(text) => match read_verdicts(&text, &job.context) {
                     Ok(verdicts) => return verdicts,
                     Err(err) => why = err,
@@ -172,8 +174,12 @@ impl Judge {
         )
     }
 
-    async fn ask(&self, messages: Vec<ChatMessage>) -> Result<String, String> {
-        let mut stream = self.model.stream(messages);
+    async fn ask(&self, messages: Vec<ChatMessage>, structured: bool) -> Result<String, String> {
+        let mut stream = if structured {
+            self.model.stream_json(messages, &reply_schema())
+        } else {
+            self.model.stream(messages)
+        };
         let mut text = String::new();
         while let Some(chunk) = stream.next().await {
             match chunk {
@@ -202,6 +208,29 @@ fn all_unsure(context: &Context, reason: &str) -> Vec<CriterionVerdict> {
             }),
         })
         .collect()
+}
+
+/// The JSON schema of a reply, for servers that constrain their output to one.
+fn reply_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "verdicts": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "criterion": {"type": "string"},
+                        "verdict": {"type": "string", "enum": ["present", "absent", "unsure"]},
+                        "quote": {"type": "string"},
+                        "reason": {"type": "string"}
+                    },
+                    "required": ["criterion", "verdict", "quote", "reason"]
+                }
+            }
+        },
+        "required": ["verdicts"]
+    })
 }
 
 #[derive(Deserialize)]

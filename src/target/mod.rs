@@ -91,6 +91,13 @@ pub type ChunkStream = BoxStream<'static, Result<Chunk, TargetError>>;
 /// A chat model that streams its answers. Dropping the stream cancels the answer.
 pub trait ChatModel: Send + Sync + std::fmt::Debug {
     fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream;
+
+    /// The same, asking the server to reply with JSON matching `schema` where its API has a
+    /// way to (OpenAI-compatible `response_format`); others are asked only by the prompt.
+    fn stream_json(&self, messages: Vec<ChatMessage>, schema: &serde_json::Value) -> ChunkStream {
+        let _ = schema;
+        self.stream(messages)
+    }
 }
 
 /// Why a target gave no (complete) answer. Each has a stable `code` for the protocol.

@@ -83,15 +83,31 @@ impl OpenAi {
     }
 }
 
-impl ChatModel for OpenAi {
-    fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream {
-        let body = self.body(&messages);
-        drop(messages);
+impl OpenAi {
+    fn send(&self, body: serde_json::Value) -> ChunkStream {
         let endpoint = Arc::clone(&self.settings.endpoint);
         super::stream::redacted(
             Arc::clone(&endpoint.secrets),
             super::stream::answer(endpoint, body, Chat),
         )
+    }
+}
+
+impl ChatModel for OpenAi {
+    fn stream(&self, messages: Vec<ChatMessage>) -> ChunkStream {
+        self.send(self.body(&messages))
+    }
+
+    fn stream_json(&self, messages: Vec<ChatMessage>, schema: &serde_json::Value) -> ChunkStream {
+        let mut body = self.body(&messages);
+        // `extra_body` may set its own (`{"type": "json_object"}` for a server without schemas).
+        if body.get("response_format").is_none() {
+            body["response_format"] = serde_json::json!({
+                "type": "json_schema",
+                "json_schema": {"name": "verdicts", "schema": schema},
+            });
+        }
+        self.send(body)
     }
 }
 
