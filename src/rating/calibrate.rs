@@ -379,7 +379,22 @@ mod tests {
         let answers = load(&files).unwrap();
         assert!(answers.len() >= 300, "{} answers", answers.len());
         let report = rules(&library, &answers).unwrap();
-        // Every criterion with a check has at least 8 labels of each kind.
+        // Every criterion the rules rate is in the set...
+        let mut rated: Vec<String> = library
+            .scenarios
+            .values()
+            .flat_map(|s| s.criteria.iter())
+            .filter(|c| c.has_patterns())
+            .map(|c| c.id.to_string())
+            .collect();
+        rated.sort();
+        rated.dedup();
+        let missing: Vec<&String> = rated
+            .iter()
+            .filter(|id| !report.criteria.contains_key(*id))
+            .collect();
+        assert!(missing.is_empty(), "no labels for {missing:?}");
+        // ... with at least 8 labels of each kind.
         for (id, t) in &report.criteria {
             let present = t.true_present + t.missed;
             let absent = t.false_present + t.true_absent;
