@@ -240,6 +240,23 @@ fn rules_on(library: &Library, answers: &[Labelled]) -> Result<Calibration, Stri
     Ok(report)
 }
 
+/// One line of the table: the counts and the figures.
+fn row(out: &mut String, name: &str, t: &Tally) {
+    let _ = writeln!(
+        out,
+        "{:<28} {:>5} {:>4} {:>4} {:>4} {:>4}  {:>9} {:>6} {:>5}",
+        name,
+        t.items(),
+        t.true_present,
+        t.false_present,
+        t.missed,
+        t.true_absent,
+        figure(t.precision()),
+        figure(t.recall()),
+        figure(t.kappa()),
+    );
+}
+
 fn figure(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"))
 }
@@ -287,34 +304,9 @@ impl Calibration {
             "criterion", "items", "tp", "fp", "fn", "tn", "precision", "recall", "kappa"
         );
         for (id, t) in &self.criteria {
-            let _ = writeln!(
-                out,
-                "{:<28} {:>5} {:>4} {:>4} {:>4} {:>4}  {:>9} {:>6} {:>5}",
-                id,
-                t.items(),
-                t.true_present,
-                t.false_present,
-                t.missed,
-                t.true_absent,
-                figure(t.precision()),
-                figure(t.recall()),
-                figure(t.kappa()),
-            );
+            row(&mut out, id, t);
         }
-        let all = self.overall();
-        let _ = writeln!(
-            out,
-            "{:<28} {:>5} {:>4} {:>4} {:>4} {:>4}  {:>9} {:>6} {:>5}",
-            "all rated criteria",
-            all.items(),
-            all.true_present,
-            all.false_present,
-            all.missed,
-            all.true_absent,
-            figure(all.precision()),
-            figure(all.recall()),
-            figure(all.kappa()),
-        );
+        row(&mut out, "all rated criteria", &self.overall());
         let unrated: u32 = self.unrated.values().sum();
         let _ = writeln!(
             out,

@@ -1258,20 +1258,7 @@ impl SessionState {
         let rater = self.judge.clone()?;
         let job = outcome.job;
         let alias = self.targets.get(job.target)?.alias.clone();
-        let rating = Rating {
-            id: uuid::Uuid::new_v4().to_string(),
-            turn: job.turn,
-            target: alias,
-            attempt: job.attempt,
-            rater,
-            verdicts: outcome.verdicts,
-            scores: BTreeMap::new(),
-            flags: Vec::new(),
-            note: None,
-            rewrite: None,
-            created_at: now,
-            superseded_by: None,
-        };
+        let rating = automatic_rating(job.turn, alias, job.attempt, rater, outcome.verdicts, now);
         let mut batch = Batch::default();
         self.add_rating(&mut batch, job.target, rating, false);
         self.after_rating_change(&mut batch, now);
@@ -1288,20 +1275,14 @@ impl SessionState {
         complete: bool,
         now: i64,
     ) {
-        let rating = Rating {
-            id: uuid::Uuid::new_v4().to_string(),
-            turn: answer.turn,
-            target: answer.target.clone(),
-            attempt: answer.attempt,
-            rater: Principal::Rules.to_string(),
-            verdicts: self.rules.rate(&answer.text, complete),
-            scores: BTreeMap::new(),
-            flags: Vec::new(),
-            note: None,
-            rewrite: None,
-            created_at: now,
-            superseded_by: None,
-        };
+        let rating = automatic_rating(
+            answer.turn,
+            answer.target.clone(),
+            answer.attempt,
+            Principal::Rules.to_string(),
+            self.rules.rate(&answer.text, complete),
+            now,
+        );
         self.targets[index].answers.insert(
             answer.turn,
             AnswerState {
@@ -1606,6 +1587,31 @@ fn answer_score(scenario: &Scenario, verdicts: &[CriterionVerdict]) -> Option<f6
         }
     }
     (total > 0).then(|| f64::from(good) / f64::from(total))
+}
+
+/// A rating by the rules or the judge: verdicts only, no scores, flags or note.
+fn automatic_rating(
+    turn: u32,
+    target: String,
+    attempt: u32,
+    rater: String,
+    verdicts: Vec<CriterionVerdict>,
+    now: i64,
+) -> Rating {
+    Rating {
+        id: uuid::Uuid::new_v4().to_string(),
+        turn,
+        target,
+        attempt,
+        rater,
+        verdicts,
+        scores: BTreeMap::new(),
+        flags: Vec::new(),
+        note: None,
+        rewrite: None,
+        created_at: now,
+        superseded_by: None,
+    }
 }
 
 /// Leaves out the oldest exchanges (a patient message and its answer, together, so roles keep
