@@ -108,6 +108,8 @@ pub struct Job {
     pub target: usize,
     pub turn: u32,
     pub attempt: u32,
+    /// Whether the answer was complete (a cut-short one's missing behaviours stay unsure).
+    pub complete: bool,
     pub context: Context,
 }
 

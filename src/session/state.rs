@@ -1154,7 +1154,7 @@ impl SessionState {
             },
         };
         let mut batch = Batch::default();
-        let judge = self.judge_job(index, &answer);
+        let judge = self.judge_job(index, &answer, complete);
         self.record_answer(&mut batch, index, answer, complete, now);
         let summaries = self.criteria_update(&mut batch);
         let all_in = !self.answering();
@@ -1193,7 +1193,12 @@ impl SessionState {
     /// What the judge is asked about an answer: the criteria with a judge question that apply
     /// at its turn, the conversation before it, the risk and locale; never the target's name.
     /// `None` without a judge, for an answer with no text, or with nothing to ask.
-    fn judge_job(&self, index: usize, answer: &AnswerRow) -> Option<crate::rating::judge::Job> {
+    fn judge_job(
+        &self,
+        index: usize,
+        answer: &AnswerRow,
+        complete: bool,
+    ) -> Option<crate::rating::judge::Job> {
         use crate::rating::judge::{Context, Job, Line, Question};
         self.judge.as_ref()?;
         if answer.text.trim().is_empty() {
@@ -1238,6 +1243,7 @@ impl SessionState {
             target: index,
             turn: answer.turn,
             attempt: answer.attempt,
+            complete,
             context: Context {
                 risk: format!("{:?}", scenario.risk).to_lowercase(),
                 locale: scenario.locale.clone(),
@@ -1258,7 +1264,27 @@ impl SessionState {
         let rater = self.judge.clone()?;
         let job = outcome.job;
         let alias = self.targets.get(job.target)?.alias.clone();
-        let rating = automatic_rating(job.turn, alias, job.attempt, rater, outcome.verdicts, now);
+        let mut verdicts = outcome.verdicts;
+        if !job.complete {
+            // As for the rules: a required behaviour missing from an answer cut short may have
+            // come later; what it did say counts all the same.
+            for v in &mut verdicts {
+                let must = self
+                    .scenario
+                    .criterion(&v.criterion)
+                    .is_some_and(|c| c.kind == Kind::Must);
+                if must && v.verdict == Verdict::Absent {
+                    v.verdict = Verdict::Unsure;
+                    if let Some(evidence) = &mut v.evidence {
+                        evidence.reason = Some(format!(
+                            "the answer was cut short; the judge: {}",
+                            evidence.reason.as_deref().unwrap_or("absent")
+                        ));
+                    }
+                }
+            }
+        }
+        let rating = automatic_rating(job.turn, alias, job.attempt, rater, verdicts, now);
         let mut batch = Batch::default();
         self.add_rating(&mut batch, job.target, rating, false);
         self.after_rating_change(&mut batch, now);
