@@ -3,6 +3,7 @@
 //! (the model name, the key, streaming, token counts, reasoning) in words. `serve` runs the
 //! cheap half (the model list) at start and only warns.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -12,19 +13,11 @@ use tokio::time::Instant;
 use super::{ChatMessage, Chunk, Role, Target, TargetError};
 use crate::config::TargetKind;
 
-/// How a target's server lists its models.
-#[derive(Clone)]
+/// Where a target's server lists its models, asked with the target's own client and headers.
+#[derive(Debug, Clone)]
 pub struct Probe {
-    pub(super) client: reqwest::Client,
+    pub(super) endpoint: Arc<super::http::Endpoint>,
     pub(super) models: reqwest::Url,
-    pub(super) headers: reqwest::header::HeaderMap,
-    pub(super) timeout: Duration,
-}
-
-impl std::fmt::Debug for Probe {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Probe").finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -114,10 +107,7 @@ fn heading(target: &Target) -> String {
     match (&target.info.model, &target.config.base_url) {
         (Some(model), Some(base)) => {
             let shown = reqwest::Url::parse(base)
-                .map(|mut url| {
-                    url.set_query(None);
-                    url.to_string()
-                })
+                .map(|url| super::http::without_query(&url))
                 .unwrap_or_else(|_| base.clone());
             format!("{kind}, model `{model}` at {shown}")
         }
@@ -142,11 +132,12 @@ struct ModelEntry {
 }
 
 async fn models(probe: &Probe, model: &str, report: &mut Report) {
-    let sent = probe
+    let endpoint = &probe.endpoint;
+    let sent = endpoint
         .client
         .get(probe.models.clone())
-        .headers(probe.headers.clone())
-        .timeout(probe.timeout)
+        .headers(endpoint.headers.clone())
+        .timeout(endpoint.timeouts.connect.max(Duration::from_secs(5)))
         .send()
         .await;
     let response = match sent {

@@ -45,14 +45,19 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL without its query (it may carry a key), and no headers.
-        let mut url = self.url.clone();
-        url.set_query(None);
+        // No headers, and no query (it may carry a key).
         f.debug_struct("Endpoint")
-            .field("url", &url.as_str())
+            .field("url", &without_query(&self.url))
             .field("stream", &self.stream)
             .finish_non_exhaustive()
     }
+}
+
+/// The URL as it may be shown or logged: without its query, which may carry a key.
+pub fn without_query(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.to_string()
 }
 
 /// `base` with `path` appended to its path, its query string kept: `https://x/openai?api-version=1`

@@ -427,17 +427,10 @@ fn build_target(
             }),
         ),
     };
-    let headers = http::headers(config.extra_headers.as_ref(), &own, key_header).map_err(fail)?;
-    let probe = check::Probe {
-        client: client.clone(),
-        models: http::join(base_url, "models").map_err(fail)?,
-        headers: headers.clone(),
-        timeout: timeouts.connect.max(Duration::from_secs(5)),
-    };
     let endpoint = Arc::new(http::Endpoint {
         client: client.clone(),
         url: http::join(base_url, path).map_err(fail)?,
-        headers,
+        headers: http::headers(config.extra_headers.as_ref(), &own, key_header).map_err(fail)?,
         missing_key,
         secrets: Arc::clone(secrets),
         stream: config.stream,
@@ -446,6 +439,10 @@ fn build_target(
         gate,
         context_tokens: config.context_tokens,
     });
+    let probe = check::Probe {
+        endpoint: Arc::clone(&endpoint),
+        models: http::join(base_url, "models").map_err(fail)?,
+    };
     let extra = request_settings(config)?;
     let chat: Arc<dyn ChatModel> = match kind {
         TargetKind::Anthropic => Arc::new(Anthropic::new(anthropic::Settings {
