@@ -46,6 +46,8 @@ pub struct Decoded {
     pub usage: Usage,
     /// The API's end of stream (`[DONE]`, `message_stop`).
     pub done: bool,
+    /// Whether answer text (or a refusal) has been handed on.
+    answered: bool,
 }
 
 /// Streams one answer. Dropping the stream (the answer was stopped) drops the connection and
@@ -65,16 +67,14 @@ pub fn answer<P: Protocol>(
         let mut think = protocol.inline_thinking().then(Think::default);
         let mut answer = Decoded::default();
         let mut pieces = Vec::new();
-        let mut got_text = false;
         if !s.stream {
             let bytes = read_body(response, total_deadline, s.timeouts.total).await?;
             protocol.whole(&bytes, &mut answer)?;
-            sort(&mut answer, think.as_mut(), true, &mut pieces);
+            answer.hand_on(think.as_mut(), true, &mut pieces);
             for chunk in pieces.drain(..) {
-                got_text |= matches!(chunk, Chunk::Text(_) | Chunk::Refusal(_));
                 yield chunk;
             }
-            yield end(answer, got_text)?;
+            yield end(answer)?;
             return;
         }
 
@@ -114,10 +114,9 @@ pub fn answer<P: Protocol>(
             };
             index += 1;
             protocol.event(&event, index, &mut answer)?;
-            sort(&mut answer, think.as_mut(), false, &mut pieces);
+            answer.hand_on(think.as_mut(), false, &mut pieces);
             for chunk in pieces.drain(..) {
                 at_work = true;
-                got_text |= matches!(chunk, Chunk::Text(_) | Chunk::Refusal(_));
                 yield chunk;
             }
             if answer.done {
@@ -125,35 +124,40 @@ pub fn answer<P: Protocol>(
             }
         }
         // Whatever the inline-reasoning split still holds back.
-        sort(&mut answer, think.as_mut(), true, &mut pieces);
+        answer.hand_on(think.as_mut(), true, &mut pieces);
         for chunk in pieces.drain(..) {
-            got_text |= matches!(chunk, Chunk::Text(_) | Chunk::Refusal(_));
             yield chunk;
         }
-        yield end(answer, got_text)?;
+        yield end(answer)?;
     }
 }
 
-/// Hands on the pieces decoded so far, the inline reasoning taken out of the text.
-fn sort(answer: &mut Decoded, think: Option<&mut Think>, last: bool, out: &mut Vec<Chunk>) {
-    match think {
-        None => out.append(&mut answer.chunks),
-        Some(think) => {
-            for chunk in answer.chunks.drain(..) {
-                match chunk {
-                    Chunk::Text(text) => think.split(&text, out),
-                    other => out.push(other),
+impl Decoded {
+    /// Hands on the pieces decoded so far, the inline reasoning taken out of the text (`last`:
+    /// with whatever the split still holds back).
+    fn hand_on(&mut self, think: Option<&mut Think>, last: bool, out: &mut Vec<Chunk>) {
+        match think {
+            None => out.append(&mut self.chunks),
+            Some(think) => {
+                for chunk in self.chunks.drain(..) {
+                    match chunk {
+                        Chunk::Text(text) => think.split(&text, out),
+                        other => out.push(other),
+                    }
+                }
+                if last {
+                    think.finish(out);
                 }
             }
-            if last {
-                think.finish(out);
-            }
         }
+        self.answered |= out
+            .iter()
+            .any(|c| matches!(c, Chunk::Text(_) | Chunk::Refusal(_)));
     }
 }
 
 /// The `Done` of a finished stream, or why it is not complete.
-fn end(answer: Decoded, got_text: bool) -> Result<Chunk, TargetError> {
+fn end(answer: Decoded) -> Result<Chunk, TargetError> {
     // Complete only when the server says why it finished: a server that stops an answer to
     // start another (llama.cpp by default) ends the stream with `[DONE]` and no reason.
     let Some(finish) = answer.finish else {
@@ -163,7 +167,7 @@ fn end(answer: Decoded, got_text: bool) -> Result<Chunk, TargetError> {
                 .to_owned(),
         ));
     };
-    if !got_text {
+    if !answer.answered {
         return Err(TargetError::Empty(finish));
     }
     Ok(Chunk::Done {
@@ -219,7 +223,6 @@ pub async fn decode_pieces<P: Protocol>(
     let mut out = Vec::new();
     let mut pieces = Vec::new();
     let mut index = 0;
-    let mut got_text = false;
     while let Some(event) = events.next().await {
         index += 1;
         let event = match event {
@@ -233,20 +236,14 @@ pub async fn decode_pieces<P: Protocol>(
             out.push(Err(err.to_string()));
             return out;
         }
-        sort(&mut answer, think.as_mut(), false, &mut pieces);
-        for chunk in pieces.drain(..) {
-            got_text |= matches!(chunk, Chunk::Text(_) | Chunk::Refusal(_));
-            out.push(Ok(chunk));
-        }
+        answer.hand_on(think.as_mut(), false, &mut pieces);
+        out.extend(pieces.drain(..).map(Ok));
         if answer.done {
             break;
         }
     }
-    sort(&mut answer, think.as_mut(), true, &mut pieces);
-    for chunk in pieces.drain(..) {
-        got_text |= matches!(chunk, Chunk::Text(_) | Chunk::Refusal(_));
-        out.push(Ok(chunk));
-    }
-    out.push(end(answer, got_text).map_err(|e| e.to_string()));
+    answer.hand_on(think.as_mut(), true, &mut pieces);
+    out.extend(pieces.drain(..).map(Ok));
+    out.push(end(answer).map_err(|e| e.to_string()));
     out
 }
