@@ -234,12 +234,7 @@ async fn reviewers_rate_and_prefer_over_http_under_their_own_names_with_clear_er
         .await;
     assert_eq!(status, 201);
     let (_, stored) = app.get(&format!("/api/sessions/{session}")).await;
-    let human: Vec<&serde_json::Value> = stored["ratings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["rater"] != "rules")
-        .collect();
+    let human = crate::support::people_ratings(&stored);
     let raters: Vec<&str> = human.iter().map(|r| r["rater"].as_str().unwrap()).collect();
     assert_eq!(raters, ["human:Ana", "human:Ben K"], "{stored}");
     assert!(human.iter().all(|r| r.get("superseded_by").is_none()));
@@ -297,12 +292,7 @@ async fn reviewers_rate_and_prefer_over_http_under_their_own_names_with_clear_er
         (403, Some("forbidden_origin"))
     );
     let (_, stored) = app.get(&format!("/api/sessions/{session}")).await;
-    let count = stored["ratings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["rater"] != "rules")
-        .count();
+    let count = crate::support::people_ratings(&stored).len();
     assert_eq!(count, 2, "nothing refused was stored");
     app.stop().await;
 }

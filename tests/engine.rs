@@ -2,7 +2,7 @@
 //! decided, summaries that follow later ratings, markers taken back, answers asked again,
 //! independent raters.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{Reply, WsClient, criterion_of as criterion, spawn_app, status_of};
 
@@ -262,12 +262,7 @@ async fn two_people_rate_the_same_answer_and_neither_supersedes_the_other() {
     ben.apply(rate(4)).await;
     ana.apply(rate(3)).await;
     let (_, stored) = app.get(&format!("/api/sessions/{session}")).await;
-    let human: Vec<&Value> = stored["ratings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["rater"] != "rules")
-        .collect();
+    let human = crate::support::people_ratings(&stored);
     let raters: Vec<&str> = human.iter().map(|r| r["rater"].as_str().unwrap()).collect();
     assert_eq!(raters, ["human:Ana", "human:Ben K", "human:Ana"]);
     // Ana's first rating is superseded by her second; Ben's stands.

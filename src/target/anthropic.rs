@@ -259,16 +259,8 @@ mod tests {
     use crate::target::stream::decode_pieces;
 
     fn decode(text: &str) -> Vec<Result<Chunk, String>> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let pieces = text
-            .as_bytes()
-            .chunks(7)
-            .map(bytes::Bytes::copy_from_slice)
-            .collect();
-        runtime.block_on(decode_pieces(pieces, Messages))
+        // Read seven bytes at a time.
+        decode_pieces(text.as_bytes(), (7..text.len()).step_by(7), Messages)
     }
 
     #[test]

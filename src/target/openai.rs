@@ -294,18 +294,7 @@ mod tests {
     }
 
     fn decode(bytes: &[u8], cuts: &[usize]) -> Vec<Result<Chunk, String>> {
-        let mut pieces = Vec::new();
-        let mut from = 0;
-        for &cut in cuts {
-            pieces.push(bytes::Bytes::copy_from_slice(&bytes[from..cut]));
-            from = cut;
-        }
-        pieces.push(bytes::Bytes::copy_from_slice(&bytes[from..]));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        runtime.block_on(decode_pieces(pieces, Chat))
+        decode_pieces(bytes, cuts.iter().copied(), Chat)
     }
 
     #[test]

@@ -208,10 +208,31 @@ pub fn redacted(
     }))
 }
 
-/// Decodes these bytes, read in these pieces, as a stream would be: the pipeline of
-/// [`answer`] without the network and the timers (for tests of any split of a stream).
+/// Decodes these bytes, read in pieces cut at `cuts` (ascending offsets), as a stream would
+/// be: the pipeline of [`answer`] without the network and the timers (for tests of any split
+/// of a stream).
 #[cfg(test)]
-pub async fn decode_pieces<P: Protocol>(
+pub fn decode_pieces<P: Protocol>(
+    bytes: &[u8],
+    cuts: impl IntoIterator<Item = usize>,
+    protocol: P,
+) -> Vec<Result<Chunk, String>> {
+    let mut pieces = Vec::new();
+    let mut from = 0;
+    for cut in cuts {
+        pieces.push(bytes::Bytes::copy_from_slice(&bytes[from..cut]));
+        from = cut;
+    }
+    pieces.push(bytes::Bytes::copy_from_slice(&bytes[from..]));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a test runtime")
+        .block_on(decode(pieces, protocol))
+}
+
+#[cfg(test)]
+async fn decode<P: Protocol>(
     pieces: Vec<bytes::Bytes>,
     mut protocol: P,
 ) -> Vec<Result<Chunk, String>> {

@@ -17,6 +17,16 @@ use vigil::startup::Application;
 pub use upstream::{FakeUpstream, Gate, Reply};
 pub use ws::{WsClient, criterion_of, status_of, upgrade_request, verdict_of};
 
+/// The ratings people gave, in a stored session (`GET /api/sessions/{id}`), in order.
+pub fn people_ratings(stored: &serde_json::Value) -> Vec<&serde_json::Value> {
+    stored["ratings"]
+        .as_array()
+        .expect("a stored session's ratings")
+        .iter()
+        .filter(|r| r["rater"].as_str().is_some_and(|r| r.starts_with("human:")))
+        .collect()
+}
+
 /// Writes a `vigil.toml` for the real binary in `dir`: SQLite there, the fixture scenarios,
 /// and the target `fake` on `upstream_url` (with `extra` lines, e.g. `api_key_env = "X"`).
 pub fn binary_config(dir: &std::path::Path, upstream_url: &str, extra: &str) -> PathBuf {
