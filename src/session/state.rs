@@ -781,8 +781,8 @@ impl SessionState {
             }
         }
         messages.push(user_message(&mut unanswered));
-        let dropped_turns = fit(&mut messages, &lines, target.context);
-        target.sent_tokens = estimate_tokens(&messages);
+        let (dropped_turns, sent_tokens) = fit(&mut messages, &lines, target.context);
+        target.sent_tokens = sent_tokens;
         AnswerJob {
             target: index,
             turn,
@@ -1642,14 +1642,15 @@ fn automatic_rating(
 
 /// Leaves out the oldest exchanges (a patient message and its answer, together, so roles keep
 /// alternating) until the estimate fits the context's budget; the system prompt and the latest
-/// patient message are always sent. Returns how many patient lines were left out.
-fn fit(messages: &mut Vec<ChatMessage>, lines: &[u32], context: Option<ContextFit>) -> u32 {
+/// patient message are always sent. Returns how many patient lines were left out, and the
+/// estimate of what is sent.
+fn fit(messages: &mut Vec<ChatMessage>, lines: &[u32], context: Option<ContextFit>) -> (u32, u32) {
+    let mut cost = estimate_tokens(messages);
     let Some(context) = context else {
-        return 0;
+        return (0, cost);
     };
     let first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
     let mut dropped = 0u32;
-    let mut cost = estimate_tokens(messages);
     let mut cut = first;
     // [system] user assistant user assistant ... user: drop pairs from the front.
     while cost > context.budget() && messages.len() - cut >= 3 {
@@ -1658,7 +1659,7 @@ fn fit(messages: &mut Vec<ChatMessage>, lines: &[u32], context: Option<ContextFi
         cut += 2;
     }
     messages.drain(first..cut);
-    dropped
+    (dropped, cost)
 }
 
 /// The patient lines not answered yet, as one user message (taken out of `lines`); a single
@@ -1722,7 +1723,7 @@ mod tests {
             lines.push(n);
         }
         let whole = estimate_tokens(&messages);
-        assert_eq!(fit(&mut messages.clone(), &lines, None), 0);
+        assert_eq!(fit(&mut messages.clone(), &lines, None), (0, whole));
         // Room for the system prompt and two messages more: the first exchange (two patient
         // lines sent as one message, and its answer) goes, the roles still alternate.
         let context = ContextFit {
@@ -1730,7 +1731,13 @@ mod tests {
             reserve: 0,
         };
         let mut fitted = messages.clone();
-        assert_eq!(fit(&mut fitted, &lines, Some(context)), 2);
+        let (dropped, sent) = fit(&mut fitted, &lines, Some(context));
+        assert_eq!(dropped, 2);
+        assert_eq!(
+            sent,
+            estimate_tokens(&fitted),
+            "the estimate of what is sent"
+        );
         let roles: Vec<Role> = fitted.iter().map(|m| m.role).collect();
         assert_eq!(
             roles,
@@ -1746,7 +1753,8 @@ mod tests {
                     limit: 1,
                     reserve: 0
                 })
-            ),
+            )
+            .0,
             3
         );
         assert_eq!(tiny.len(), 2);
